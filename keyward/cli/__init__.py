@@ -1,0 +1,1 @@
+"""The ``keyward`` command: key administration (``keys``), the plugin (``plugin``) and helpers."""

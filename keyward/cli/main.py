@@ -1,0 +1,64 @@
+"""Entry point of the ``keyward`` command.
+
+Errors a user can fix are printed as one line (``keyward: <what is wrong and what to do>``) with exit
+code 1 (2 for usage and configuration), never as a traceback. PKCS#11 settings come from flags or the
+environment (see keyward.hsm.config); the PIN never comes from a flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from keyward import logs
+from keyward.hsm import config as hsm_config
+from keyward.hsm import errors
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="keyward", description="Kubernetes KMS v2 with keys in your own HSM (PKCS#11)."
+    )
+    hsm_config.add_arguments(parser)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    from keyward.cli import keys
+
+    keys.add_parser(sub)
+
+    plugin = sub.add_parser("plugin", help="the KMS v2 plugin")
+    psub = plugin.add_subparsers(dest="plugin_command", required=True, metavar="COMMAND")
+    serve = psub.add_parser("serve", help="serve KMS v2 on a Unix socket")
+    from kmsplugin import main as plugin_main
+
+    plugin_main.add_arguments(serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "plugin":
+        from kmsplugin import main as plugin_main
+
+        return plugin_main.serve(args)
+    logs.configure("warning")
+    logging.getLogger("keyward.audit").setLevel(logging.INFO)
+    try:
+        if args.command == "keys":
+            from keyward.cli import keys
+
+            return keys.run(args)
+    except errors.ConfigurationError as exc:
+        print(f"keyward: {exc}", file=sys.stderr)  # noqa: T201
+        return 2
+    except errors.StoreError as exc:
+        print(f"keyward: {exc}", file=sys.stderr)  # noqa: T201
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
