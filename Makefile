@@ -34,7 +34,10 @@ lint: bootstrap
 	$(VENV)/bin/lint-imports
 
 typecheck: bootstrap
-	$(VENV)/bin/mypy keyward kmsplugin operator/keyward_operator hack tests bench
+	$(VENV)/bin/mypy keyward kmsplugin operator/keyward_operator hack bench
+	@# Test functions take fixtures and return nothing: their bodies are checked, their signatures not required.
+	$(VENV)/bin/mypy --allow-untyped-defs --allow-incomplete-defs --allow-untyped-calls --no-warn-return-any \
+		--check-untyped-defs tests
 
 protos: bootstrap
 	$(PY) -m keyward.wire.generate

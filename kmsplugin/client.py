@@ -20,7 +20,7 @@ class KmsClient:
         self.timeout = timeout
         self._channel = grpc.insecure_channel(f"unix://{socket_path}")
         # The generated stub is untyped; the methods below give its calls their types.
-        self._stub: Any = api_pb2_grpc.KeyManagementServiceStub(self._channel)  # type: ignore[no-untyped-call]
+        self._stub: Any = api_pb2_grpc.KeyManagementServiceStub(self._channel)  # type: ignore[no-untyped-call,unused-ignore]
 
     def status(self) -> api_pb2.StatusResponse:
         response: api_pb2.StatusResponse = self._stub.Status(api_pb2.StatusRequest(), timeout=self.timeout)

@@ -231,7 +231,7 @@ class KeyStore:
             except (p11e.GeneralError, p11e.EncryptedDataInvalid, p11e.EncryptedDataLenRange) as exc:
                 # SoftHSM2 reports a failed GCM tag check as a generic error (pkcs11-notes.md).
                 raise errors.AuthenticationFailedError(
-                    "ciphertext failed authentication: it was altered or corrupted"
+                    "ciphertext failed authentication: it was altered, truncated or corrupted"
                 ) from exc
 
         return self.hsm.run(open_, timeout=self.crypto_timeout)

@@ -6,7 +6,12 @@ not call it from several threads, and SoftHSM2 crashes the process when two thre
 encrypt, runs on this worker's single thread; other threads submit work and wait with a deadline. For more
 throughput against a slow network HSM, run several processes, each with its own worker.
 
-The worker owns the session and its login:
+The thread is process-wide, shared by every HsmWorker in the process: python-pkcs11 loads a module once per
+process (``pkcs11.lib`` is a singleton) and the login belongs to the token, so two workers with two threads
+would be two threads in the same module. This executor is the one piece of module-level state in Keyward,
+and it mirrors state the PKCS#11 module itself keeps per process.
+
+Each worker owns a session and its login:
 
 - The PIN is read when a session is opened. If the token refuses it, the failure is remembered and raised
   again on every call *without* asking the token, so nothing ever loops on a wrong PIN (HSMs lock or wipe
@@ -33,6 +38,19 @@ from keyward.hsm import errors
 
 T = TypeVar("T")
 _log = logging.getLogger("keyward.hsm")
+
+_thread_lock = threading.Lock()
+_thread: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _pkcs11_thread() -> concurrent.futures.ThreadPoolExecutor:
+    """The process's single PKCS#11 thread, created on first use."""
+    global _thread  # noqa: PLW0603 (process-wide by nature; see the module docstring)
+    with _thread_lock:
+        if _thread is None:
+            _thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="pkcs11")
+        return _thread
+
 
 # Failures after which a fresh session may succeed.
 _SESSION_ERRORS: tuple[type[Exception], ...] = (
@@ -61,7 +79,7 @@ class HsmWorker:
     def __init__(self, cfg: hsm_config.HsmConfig, *, default_timeout: float = 5.0) -> None:
         self.config = cfg
         self.default_timeout = default_timeout
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="pkcs11")
+        self._executor = _pkcs11_thread()
         # Everything below is touched only on the worker thread.
         self._lib: Any = None
         self._token: Any = None
@@ -115,7 +133,6 @@ class HsmWorker:
         with contextlib.suppress(concurrent.futures.TimeoutError, RuntimeError):
             self._executor.submit(self._drop_session).result(timeout=self.default_timeout)
         self._closed.set()
-        self._executor.shutdown(wait=False, cancel_futures=True)
 
     # -- worker thread -----------------------------------------------------------------------------------
 
@@ -152,6 +169,9 @@ class HsmWorker:
                 "with the same PIN; fix the PIN file (it is re-read when it changes) or restart"
             )
             self._login_failure = (self.config.pin_fingerprint(), failure)
+            _log.error(
+                "pkcs11.login_failed", extra={"fields": {"token": self.config.token_label, "reason": reason}}
+            )
             raise failure from None
         except p11e.UserAlreadyLoggedIn:
             # Another session of this process is logged in; a session without a PIN shares that login.
@@ -176,7 +196,9 @@ class HsmWorker:
         try:
             self._token = self._lib.get_token(token_label=self.config.token_label)
         except p11e.NoSuchToken:
-            labels = sorted({slot.get_token().label for slot in self._lib.get_slots(token_present=True)})
+            labels = sorted(
+                {slot.get_token().label for slot in self._lib.get_slots(token_present=True)} - {""}
+            )
             raise errors.ConfigurationError(
                 f"no token labelled {self.config.token_label!r} in {self.config.module_path} "
                 f"(tokens present: {', '.join(labels) or 'none'}); set KEYWARD_TOKEN_LABEL or "

@@ -1,0 +1,173 @@
+"""Fixtures shared by every test: a fresh SoftHSM2 token per test, the CLI, the plugin as a process.
+
+Everything is real: SoftHSM2 tokens made with softhsm2-util in temporary folders, the `keyward` console
+script and the plugin started as subprocesses, calls over the plugin's real Unix socket. Temporary folders
+sit directly under /tmp because a Unix socket path must stay under 108 bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+import localcluster
+
+KEYWARD = pathlib.Path(sys.executable).with_name("keyward")
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[pathlib.Path]:
+    path = pathlib.Path(tempfile.mkdtemp(prefix="kw-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def run_keyward(
+    token: localcluster.SoftHsmToken, *args: str, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, **token.env(), "KEYWARD_STORE_LOCK": str(token.dir / "store.lock")}
+    proc = subprocess.run(
+        [str(KEYWARD), *args], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"keyward {' '.join(args)} exited {proc.returncode}: {proc.stderr}")
+    return proc
+
+
+@pytest.fixture
+def token(short_tmp: pathlib.Path) -> localcluster.SoftHsmToken:
+    """A fresh token holding the key `secrets` (version 1 primary)."""
+    tok = localcluster.SoftHsmToken(short_tmp / "hsm")
+    run_keyward(tok, "keys", "create", "secrets")
+    return tok
+
+
+@pytest.fixture
+def keyward(token: localcluster.SoftHsmToken) -> Callable[..., subprocess.CompletedProcess[str]]:
+    def call(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return run_keyward(token, *args, check=check)
+
+    return call
+
+
+@pytest.fixture
+def start_plugin(short_tmp: pathlib.Path, token: localcluster.SoftHsmToken) -> Iterator[Callable[..., Any]]:
+    started: list[localcluster.Plugin] = []
+
+    def start(
+        *,
+        name: str = "p",
+        extra_env: dict[str, str] | None = None,
+        wait: bool = True,
+        tok: localcluster.SoftHsmToken | None = None,
+    ) -> localcluster.Plugin:
+        plugin = localcluster.Plugin(
+            short_tmp / name,
+            tok or token,
+            short_tmp / f"{name}.sock",
+            extra_env={"KEYWARD_STORE_LOCK": str(token.dir / "store.lock"), **(extra_env or {})},
+        )
+        started.append(plugin)
+        if wait:
+            plugin.start()
+        else:
+            plugin.spawn()
+        return plugin
+
+    yield start
+    for plugin in started:
+        plugin.stop()
+
+
+def wait_for(condition: Callable[[], Any], *, timeout: float, what: str, interval: float = 0.2) -> Any:
+    """Polls ``condition`` until it returns something truthy, or fails the test saying what was awaited."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = condition()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+class Cluster:
+    """A real control plane: SoftHSM2 token -> plugin -> etcd -> kube-apiserver encrypting secrets."""
+
+    def __init__(self, base: pathlib.Path) -> None:
+        self.base = base
+        self.token = localcluster.SoftHsmToken(base / "hsm")
+        run_keyward(self.token, "keys", "create", "secrets")
+        self.socket_path = base / "kms.sock"
+        self.plugin = localcluster.Plugin(
+            base / "plugin",
+            self.token,
+            self.socket_path,
+            extra_env={"KEYWARD_STORE_LOCK": str(self.token.dir / "store.lock")},
+        )
+        self.pki = localcluster.Pki(base / "pki")
+        self.etcd = localcluster.Etcd(base / "etcd", self.pki)
+        config = localcluster.write_encryption_config(base / "encryption.yaml", self.socket_path)
+        self.apiserver = localcluster.KubeApiserver(
+            base / "apiserver", self.pki, self.etcd, encryption_config=config
+        )
+
+    def start(self) -> None:
+        try:
+            self.plugin.start()
+            self.etcd.start()
+            self.apiserver.start(timeout=180)
+        except localcluster.ComponentError as exc:
+            self.stop()
+            pytest.fail(exc.report())
+
+    def stop(self) -> None:
+        for part in (self.apiserver, self.etcd, self.plugin):
+            part.stop()
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"--- {p.name} ---\n{p.log_tail(40)}" for p in (self.plugin, self.apiserver, self.etcd)
+        )
+
+    def kubectl(
+        self, *args: str, input: str | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        return self.apiserver.kubectl(*args, input=input, check=check)
+
+    def keyward(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return run_keyward(self.token, *args, check=check)
+
+    def raw(self, namespace: str, name: str) -> bytes:
+        value = self.etcd.get(f"/registry/secrets/{namespace}/{name}")
+        assert value is not None, f"secret {namespace}/{name} is not in etcd"
+        return value
+
+    def status_key_id(self) -> str:
+        from kmsplugin.client import KmsClient
+
+        with KmsClient(self.socket_path) as kms:
+            status = kms.status()
+        assert status.healthz == "ok", status.healthz
+        return status.key_id
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    base = pathlib.Path(tempfile.mkdtemp(prefix="kwc-", dir="/tmp"))
+    c = Cluster(base)
+    c.start()
+    try:
+        yield c
+    finally:
+        c.stop()
+        shutil.rmtree(base, ignore_errors=True)
