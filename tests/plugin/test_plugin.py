@@ -14,6 +14,7 @@ import time
 import grpc
 import pytest
 
+import localcluster
 from conftest import KEYWARD, wait_for
 from kmsplugin.client import KmsClient
 from localcluster import socket_accepts
@@ -320,3 +321,18 @@ def test_the_plugin_can_be_started_as_a_module_too(short_tmp, token):
     finally:
         proc.terminate()
         assert proc.wait(timeout=20) == 0
+
+
+def test_a_configured_group_gets_a_0660_socket_it_owns(short_tmp, token):
+    import grp
+
+    plugin = localcluster.Plugin(
+        short_tmp / "g", token, short_tmp / "g.sock", extra_args=["--socket-group", "daemon"]
+    )
+    plugin.start()
+    try:
+        st = plugin.socket_path.stat()
+        assert stat.S_IMODE(st.st_mode) == 0o660
+        assert st.st_gid == grp.getgrnam("daemon").gr_gid
+    finally:
+        plugin.stop()
