@@ -57,8 +57,8 @@ def key_store(hsm: worker.HsmWorker, clock: FakeClock, tmp_path: pathlib.Path) -
     return store.KeyStore(hsm, clock=clock, lock_path=tmp_path / "lock")
 
 
-def key_objects(hsm: worker.HsmWorker, object_id: bytes | None = None) -> list[dict[str, Any]]:
-    def read(session: Any) -> list[dict[str, Any]]:
+def key_objects(hsm: worker.HsmWorker, object_id: bytes | None = None) -> list[dict[Attribute, Any]]:
+    def read(session: Any) -> list[dict[Attribute, Any]]:
         template: dict[Any, Any] = {Attribute.CLASS: ObjectClass.SECRET_KEY}
         if object_id is not None:
             template[Attribute.ID] = object_id
@@ -82,7 +82,7 @@ def key_objects(hsm: worker.HsmWorker, object_id: bytes | None = None) -> list[d
     return hsm.run(read)
 
 
-def objects_of(hsm: worker.HsmWorker, m: manifests.Manifest) -> list[dict[str, Any]]:
+def objects_of(hsm: worker.HsmWorker, m: manifests.Manifest) -> list[dict[Attribute, Any]]:
     ids = {v.object_id for v in m.versions}
     return [o for o in key_objects(hsm) if bytes(o[Attribute.ID]) in ids]
 
