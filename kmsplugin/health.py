@@ -45,12 +45,14 @@ class HealthProbe:
         *,
         ok_ttl: float = 3.0,
         fail_ttl: float = 1.0,
+        budget: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
         self.view = view
         self.ok_ttl = ok_ttl
         self.fail_ttl = fail_ttl
+        self.budget = budget  # the whole check, well inside the apiserver's 3 s call deadline
         self._clock = clock
         self._lock = threading.Lock()
         self._last: Health | None = None
@@ -74,11 +76,17 @@ class HealthProbe:
             return result
 
     def _probe(self) -> Health:
+        deadline = self._clock() + self.budget
+
+        def remaining() -> float:
+            return max(0.01, deadline - self._clock())
+
         try:
             primary = self.view.primary()
             limits.check_key_id(primary.key_id)
             sample = secrets.token_bytes(32)
-            back = self.store.decrypt(primary, self.store.encrypt(primary, sample))
+            sealed = self.store.encrypt(primary, sample, timeout=remaining())
+            back = self.store.decrypt(primary, sealed, timeout=remaining())
             if not hmac.compare_digest(back, sample):
                 return Health("round trip through the HSM returned different bytes", self._last_good_key_id)
         except errors.StoreError as exc:

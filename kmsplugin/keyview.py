@@ -28,7 +28,7 @@ class KeyView:
         name: str,
         *,
         refresh_after: float = 2.0,
-        read_timeout: float = 1.5,
+        read_timeout: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store

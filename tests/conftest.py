@@ -68,12 +68,13 @@ def start_plugin(short_tmp: pathlib.Path, token: localcluster.SoftHsmToken) -> I
         name: str = "p",
         extra_env: dict[str, str] | None = None,
         wait: bool = True,
-        tok: localcluster.SoftHsmToken | None = None,
+        key_name: str = "secrets",
     ) -> localcluster.Plugin:
         plugin = localcluster.Plugin(
             short_tmp / name,
-            tok or token,
+            token,
             short_tmp / f"{name}.sock",
+            key_name=key_name,
             extra_env={"KEYWARD_STORE_LOCK": str(token.dir / "store.lock"), **(extra_env or {})},
         )
         started.append(plugin)

@@ -191,7 +191,7 @@ class KeyStore:
 
     # -- cryptography ------------------------------------------------------------------------------------
 
-    def encrypt(self, version: Version, plaintext: bytes) -> bytes:
+    def encrypt(self, version: Version, plaintext: bytes, *, timeout: float | None = None) -> bytes:
         """Seals plaintext under one Enabled version; the caller chose the version (the primary)."""
         if not plaintext:
             raise ValueError("plaintext is empty")
@@ -209,9 +209,9 @@ class KeyStore:
             key = self.hsm.key(session, version.object_id)
             return bytes(key.encrypt(plaintext, mechanism=Mechanism.AES_GCM, mechanism_param=params))
 
-        return head + self.hsm.run(seal, timeout=self.crypto_timeout)
+        return head + self.hsm.run(seal, timeout=self.crypto_timeout if timeout is None else timeout)
 
-    def decrypt(self, version: Version, ciphertext: bytes) -> bytes:
+    def decrypt(self, version: Version, ciphertext: bytes, *, timeout: float | None = None) -> bytes:
         """Opens a ciphertext made by ``encrypt`` under this version, or raises a CiphertextError."""
         sealed = envelope.parse(ciphertext)
         envelope.check_key_id(sealed, version.key_id)
@@ -234,7 +234,7 @@ class KeyStore:
                     "ciphertext failed authentication: it was altered, truncated or corrupted"
                 ) from exc
 
-        return self.hsm.run(open_, timeout=self.crypto_timeout)
+        return self.hsm.run(open_, timeout=self.crypto_timeout if timeout is None else timeout)
 
     # -- internals ---------------------------------------------------------------------------------------
 
