@@ -59,6 +59,9 @@ class Version:
     state_changed_at: datetime.datetime
     destroy_at: datetime.datetime | None = None
     destroyed_at: datetime.datetime | None = None
+    # The rotation request that made this version (e.g. the operator's "manual:<annotation value>"), so a
+    # request replayed after a crash is recognised as done instead of making a second version.
+    request_id: str | None = None
 
     @property
     def can_decrypt(self) -> bool:
@@ -74,6 +77,7 @@ class Version:
             "stateChangedAt": _ts(self.state_changed_at),
             "destroyAt": _ts(self.destroy_at),
             "destroyedAt": _ts(self.destroyed_at),
+            "requestId": self.request_id,
         }
 
     @classmethod
@@ -90,6 +94,7 @@ class Version:
             state_changed_at=changed,
             destroy_at=_parse_ts(raw.get("destroyAt")),
             destroyed_at=_parse_ts(raw.get("destroyedAt")),
+            request_id=raw.get("requestId"),
         )
 
 
@@ -116,6 +121,13 @@ class Manifest:
     def by_key_id(self, key_id: str) -> Version | None:
         for v in self.versions:
             if v.key_id == key_id:
+                return v
+        return None
+
+    def made_by(self, request_id: str) -> Version | None:
+        """The version a rotation request created, if it did."""
+        for v in self.versions:
+            if v.request_id == request_id:
                 return v
         return None
 
@@ -174,7 +186,9 @@ def _transition(v: Version, allowed_from: tuple[State, ...], to: State, action: 
         )
 
 
-def begin_version(m: Manifest, object_id: bytes, now: datetime.datetime) -> tuple[Manifest, Version]:
+def begin_version(
+    m: Manifest, object_id: bytes, now: datetime.datetime, *, request_id: str | None = None
+) -> tuple[Manifest, Version]:
     """Adds the next version in PendingGeneration. Numbers are never reused, even after destruction."""
     if m.pending is not None:
         raise errors.VersionStateError(
@@ -188,6 +202,7 @@ def begin_version(m: Manifest, object_id: bytes, now: datetime.datetime) -> tupl
         state=State.PENDING_GENERATION,
         created_at=now,
         state_changed_at=now,
+        request_id=request_id,
     )
     return dataclasses.replace(m, versions=(*m.versions, v), generation=m.generation + 1), v
 

@@ -38,7 +38,7 @@ import pkcs11.exceptions as p11e
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11.mechanisms import GCMParams
 
-from keyward.hsm import audit, envelope, errors, keyids, manifests, worker
+from keyward.hsm import audit, envelope, errors, failpoints, keyids, manifests, worker
 from keyward.hsm.manifests import Manifest, State, Version
 
 MANIFEST_APPLICATION = "keyward-manifest"
@@ -100,12 +100,33 @@ class KeyStore:
             note(version=m.primary, key_id=_primary_key_id(m))
             return m
 
-    def rotate(self, name: str, *, actor: str) -> Manifest:
-        """Generates the next version and makes it primary; the previous ones keep decrypting."""
-        with self._audited("key.rotate", actor=actor, key=name) as note, self._writing():
+    def rotate(self, name: str, *, actor: str, request_id: str | None = None) -> Manifest:
+        """Generates the next version and makes it primary; the previous ones keep decrypting.
+
+        With a ``request_id``, the rotation happens at most once per id: a request that already made its
+        version returns the key unchanged (or finishes that version, if a crash interrupted it). Without
+        one, a rotation left half-done by a crash is finished and counts as the rotation asked for.
+        """
+        with (
+            self._audited("key.rotate", actor=actor, key=name, request_id=request_id) as note,
+            self._writing(),
+        ):
             m = self._require(name)
             previous = m.primary
-            m = self._add_version(m)
+            made = None if request_id is None else m.made_by(request_id)
+            if made is not None:
+                if made.state is State.PENDING_GENERATION:
+                    m = self._add_version(m)
+                note(version=made.version, key_id=made.key_id, already_done=True)
+                return m
+            if m.pending is not None:
+                m = self._add_version(m)  # finish the interrupted rotation first
+                if request_id is None:
+                    note(
+                        version=m.primary, key_id=_primary_key_id(m), previous_version=previous, resumed=True
+                    )
+                    return m
+            m = self._add_version(m, request_id=request_id)
             note(version=m.primary, key_id=_primary_key_id(m), previous_version=previous)
             return m
 
@@ -250,12 +271,13 @@ class KeyStore:
     def _read(self, name: str) -> Manifest | None:
         return self.hsm.run(lambda s: _read_manifests(s, name)[0].get(name))
 
-    def _add_version(self, m: Manifest) -> Manifest:
+    def _add_version(self, m: Manifest, *, request_id: str | None = None) -> Manifest:
         """Pending -> generated -> Enabled and primary, resuming from wherever a crash left it."""
         pending = m.pending
         if pending is None:
             before = m
-            m, pending = manifests.begin_version(m, secrets.token_bytes(keyids.OBJECT_ID_BYTES), self.clock())
+            object_id = secrets.token_bytes(keyids.OBJECT_ID_BYTES)
+            m, pending = manifests.begin_version(m, object_id, self.clock(), request_id=request_id)
             self._write(before, m)
         version = pending
 
@@ -277,6 +299,7 @@ class KeyStore:
             )
 
         self.hsm.run(generate)
+        failpoints.hit("store.after-generate")
         promoted = manifests.complete_version(m, version.version, self.clock(), make_primary=True)
         self._write(m, promoted)
         return promoted

@@ -192,3 +192,27 @@ def test_creating_an_existing_key_is_refused_and_changes_nothing(key_store):
 def test_an_unknown_key_says_how_to_create_it(key_store):
     with pytest.raises(errors.KeyNotFoundError, match="keyward keys create nope"):
         key_store.rotate("nope", actor="test")
+
+
+def test_a_rotation_request_makes_exactly_one_version_however_often_it_is_replayed(key_store, hsm):
+    key_store.create_key("replayed", actor="test")
+    first = key_store.rotate("replayed", actor="test", request_id="manual:2026-12-03T10:00:00Z")
+    again = key_store.rotate("replayed", actor="test", request_id="manual:2026-12-03T10:00:00Z")
+    assert first == again and first.primary == 2
+    other = key_store.rotate("replayed", actor="test", request_id="manual:2026-12-03T11:00:00Z")
+    assert other.primary == 3 and other.version(3).request_id == "manual:2026-12-03T11:00:00Z"
+    assert len(objects_of(hsm, other)) == 3
+
+
+def test_a_replayed_request_whose_version_was_interrupted_finishes_that_version(key_store, hsm, monkeypatch):
+    key_store.create_key("replay-crash", actor="test")
+    real = manifests.complete_version
+    monkeypatch.setattr(
+        manifests, "complete_version", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("crash"))
+    )
+    with pytest.raises(RuntimeError):
+        key_store.rotate("replay-crash", actor="test", request_id="scheduled:1")
+    monkeypatch.setattr(manifests, "complete_version", real)
+    done = key_store.rotate("replay-crash", actor="test", request_id="scheduled:1")
+    assert done.primary == 2 and done.version(2).request_id == "scheduled:1"
+    assert len(objects_of(hsm, done)) == 2
