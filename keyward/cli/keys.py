@@ -20,17 +20,19 @@ from keyward.hsm.manifests import Manifest
 def add_parser(sub: Any) -> None:
     keys = sub.add_parser("keys", help="create, list and rotate keys in the HSM token")
     ksub = keys.add_subparsers(dest="keys_command", required=True, metavar="COMMAND")
-    p = ksub.add_parser("create", help="create a key; version 1 becomes primary")
+    hsm_flags = argparse.ArgumentParser(add_help=False)
+    hsm_config.add_arguments(hsm_flags, suppress_defaults=True)
+    p = ksub.add_parser("create", parents=[hsm_flags], help="create a key; version 1 becomes primary")
     p.add_argument("name")
-    p = ksub.add_parser("list", help="list keys with their versions, states and key_ids")
+    p = ksub.add_parser("list", parents=[hsm_flags], help="list keys with their versions, states and key_ids")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p = ksub.add_parser("rotate", help="generate a new version and make it primary")
+    p = ksub.add_parser("rotate", parents=[hsm_flags], help="generate a new version and make it primary")
     p.add_argument("name")
     for verb, text in (
         ("disable", "stop a version from decrypting"),
         ("enable", "let a version decrypt again"),
     ):
-        p = ksub.add_parser(verb, help=text)
+        p = ksub.add_parser(verb, parents=[hsm_flags], help=text)
         p.add_argument("name")
         p.add_argument("version", type=int)
 

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             from keyward.cli import keys
 
             return keys.run(args)
-    except errors.ConfigurationError as exc:
+    except (errors.ConfigurationError, errors.LoginError) as exc:
         print(f"keyward: {exc}", file=sys.stderr)  # noqa: T201
         return 2
     except errors.StoreError as exc:

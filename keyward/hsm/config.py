@@ -47,7 +47,7 @@ class HsmConfig:
                 raise errors.ConfigurationError(f"environment variable {self.pin_env} is empty")
             return pin
         raise errors.ConfigurationError(
-            "no PIN source configured: set KEYWARD_PIN_FILE (preferred) or KEYWARD_PIN"
+            "no PIN source configured: use --pin-file or KEYWARD_PIN_FILE (preferred), or KEYWARD_PIN"
         )
 
     def pin_fingerprint(self) -> tuple[float, int] | None:
@@ -93,11 +93,22 @@ def from_settings(
     )
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The PKCS#11 flags every Keyward command shares. There is deliberately no --pin flag."""
-    parser.add_argument("--pkcs11-module", help="PKCS#11 module path (env KEYWARD_PKCS11_MODULE)")
-    parser.add_argument("--token-label", help="token label (env KEYWARD_TOKEN_LABEL, default 'keyward')")
-    parser.add_argument("--pin-file", help="file holding the user PIN (env KEYWARD_PIN_FILE, or KEYWARD_PIN)")
+def add_arguments(parser: argparse.ArgumentParser, *, suppress_defaults: bool = False) -> None:
+    """The PKCS#11 flags every Keyward command shares. There is deliberately no --pin flag.
+
+    ``suppress_defaults`` is for subcommands that repeat the flags, so that a flag given before the
+    subcommand is not reset by the subcommand's default.
+    """
+    default = argparse.SUPPRESS if suppress_defaults else None
+    parser.add_argument(
+        "--pkcs11-module", default=default, help="PKCS#11 module path (env KEYWARD_PKCS11_MODULE)"
+    )
+    parser.add_argument(
+        "--token-label", default=default, help="token label (env KEYWARD_TOKEN_LABEL, default 'keyward')"
+    )
+    parser.add_argument(
+        "--pin-file", default=default, help="file holding the user PIN (env KEYWARD_PIN_FILE, or KEYWARD_PIN)"
+    )
 
 
 def from_args(args: argparse.Namespace) -> HsmConfig:

@@ -236,7 +236,8 @@ def disable(m: Manifest, number: int, now: datetime.datetime) -> Manifest:
     v = m.version(number)
     if m.primary == number:
         raise errors.VersionStateError(
-            f"cannot disable version {number}: it is the primary; rotate or promote another version first"
+            f"cannot disable version {number}: it is the primary; rotate first (the new version becomes "
+            "primary), then disable this one"
         )
     _transition(v, (State.ENABLED,), State.DISABLED, "disable")
     return _replace(m, dataclasses.replace(v, state=State.DISABLED, state_changed_at=now))

@@ -165,8 +165,9 @@ class HsmWorker:
         except tuple(_LOGIN_ERRORS) as exc:
             reason = _LOGIN_ERRORS[type(exc)]
             failure = errors.LoginError(
-                f"login to token {self.config.token_label!r} failed: {reason}. Keyward will not retry "
-                "with the same PIN; fix the PIN file (it is re-read when it changes) or restart"
+                f"login to token {self.config.token_label!r} failed: {reason}. Keyward does not retry a "
+                "refused PIN (tokens lock after repeated failures); fix the PIN (a running plugin re-reads "
+                "its PIN file when the file changes)"
             )
             self._login_failure = (self.config.pin_fingerprint(), failure)
             _log.error(

@@ -67,6 +67,19 @@ def test_up_env_demo_down_give_a_user_a_working_encrypted_cluster_and_clean_up()
         assert demo.returncode == 0, demo.stdout + demo.stderr
         assert '"proof": true' in demo.stdout
         assert "[FAILED]" not in demo.stdout and "k8s:enc:kms:v2:keyward:" in demo.stdout
+
+        inspect = subprocess.run(
+            ["bash", "-c", f'eval "$({env_cmd})" && python hack/etcd-inspect.py'],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=clean_env,
+            check=False,
+        )
+        assert inspect.returncode == 0, inspect.stderr
+        demo_row = next(line for line in inspect.stdout.splitlines() if "/default/keyward-demo" in line)
+        assert "kms-v2" in demo_row and "keyward" in demo_row and "secrets/v1/" in demo_row
     finally:
         down = run("hack/localcluster.py", "down", "--state", str(state))
         shutil.rmtree(state.parent, ignore_errors=True)
