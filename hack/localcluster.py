@@ -1118,6 +1118,59 @@ class Plugin(ManagedProcess):
         self._poll_until(lambda: socket_accepts(self.socket_path), timeout, "listening")
 
 
+class Operator(ManagedProcess):
+    """The Keyward operator: ``keyward operator run`` against ``kubeconfig`` and ``token``.
+
+    Ready when it has either started reconciling (it holds the leader Lease) or logged that it waits
+    for the Lease (another replica leads).
+    """
+
+    name = "operator"
+    exe_name = "keyward"
+
+    def __init__(
+        self,
+        dir: Path,
+        token: SoftHsmToken,
+        kubeconfig: Path,
+        *,
+        interval: float = 2.0,
+        keyward_bin: Path | None = None,
+        extra_env: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(dir)
+        self.token = token
+        self.kubeconfig = Path(kubeconfig)
+        self.interval = interval
+        self.keyward_bin = Path(keyward_bin) if keyward_bin else default_keyward_bin()
+        self.extra_env = dict(extra_env or {})
+        self._log_offset = 0
+
+    def command(self) -> list[str]:
+        return [str(self.keyward_bin), "operator", "run", "--interval", str(self.interval)]
+
+    def environment(self) -> dict[str, str]:
+        return {**os.environ, **self.token.env(), "KUBECONFIG": str(self.kubeconfig), **self.extra_env}
+
+    def start(self, timeout: float = 60.0) -> None:
+        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        self.spawn()
+        try:
+            self.wait_ready(timeout)
+        except ComponentError:
+            self.stop()
+            raise
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        def started() -> bool:
+            with self.log_path.open("rb") as log:
+                log.seek(self._log_offset)
+                text = log.read()
+            return b"operator.started" in text or b"leadership.waiting" in text
+
+        self._poll_until(started, timeout, "reconciling or waiting for the leader Lease")
+
+
 # --------------------------------------------------------------------------------------------------
 # The CLI: up / down / env / status
 # --------------------------------------------------------------------------------------------------

@@ -172,3 +172,68 @@ def cluster() -> Iterator[Cluster]:
     finally:
         c.stop()
         shutil.rmtree(base, ignore_errors=True)
+
+
+CRDS = pathlib.Path(__file__).resolve().parents[1] / "deploy" / "crds"
+
+
+class OperatorCluster(Cluster):
+    """A Cluster with Keyward's CRDs installed and the operator running against the same token."""
+
+    def __init__(self, base: pathlib.Path) -> None:
+        super().__init__(base)
+        self.operator = self.new_operator("operator")
+
+    def new_operator(self, name: str, **extra_env: str) -> localcluster.Operator:
+        return localcluster.Operator(
+            self.base / name,
+            self.token,
+            self.apiserver.kubeconfig,
+            interval=1.0,
+            extra_env={"KEYWARD_STORE_LOCK": str(self.token.dir / "store.lock"), **extra_env},
+        )
+
+    def start(self) -> None:
+        super().start()
+        self.kubectl("apply", "-f", str(CRDS))
+        self.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
+        self.operator.start()
+
+    def stop(self) -> None:
+        self.operator.stop()
+        super().stop()
+
+    def logs(self) -> str:
+        return f"--- operator ---\n{self.operator.log_tail(60)}\n" + super().logs()
+
+    def apply(self, manifest: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.kubectl("apply", "-f", "-", input=manifest, check=check)
+
+    def key(self, name: str) -> dict[str, Any]:
+        import json
+
+        out = self.kubectl("get", "encryptionkey", name, "-o", "json", check=False)
+        return json.loads(out.stdout) if out.returncode == 0 else {}
+
+    def hsm_keys(self) -> dict[str, Any]:
+        import json
+
+        return {k["name"]: k for k in json.loads(self.keyward("keys", "list", "--json").stdout)}
+
+    def condition(self, name: str, ctype: str) -> dict[str, Any]:
+        for c in self.key(name).get("status", {}).get("conditions", []):
+            if c["type"] == ctype:
+                return dict(c)
+        return {}
+
+
+@pytest.fixture(scope="module")
+def operator_cluster() -> Iterator[OperatorCluster]:
+    base = pathlib.Path(tempfile.mkdtemp(prefix="kwo-", dir="/tmp"))
+    c = OperatorCluster(base)
+    c.start()
+    try:
+        yield c
+    finally:
+        c.stop()
+        shutil.rmtree(base, ignore_errors=True)

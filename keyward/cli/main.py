@@ -33,22 +33,32 @@ def build_parser() -> argparse.ArgumentParser:
     from kmsplugin import main as plugin_main
 
     plugin_main.add_arguments(serve)
+
+    operator = sub.add_parser("operator", help="the operator that reconciles EncryptionKeys")
+    osub = operator.add_subparsers(dest="operator_command", required=True, metavar="COMMAND")
+    from keyward_operator import main as operator_main
+
+    operator_main.add_arguments(osub.add_parser("run", help="run the operator (needs KUBECONFIG or a pod)"))
+
+    rotate = sub.add_parser("rotate", help="ask the operator to rotate an EncryptionKey now")
+    rotate.add_argument("name")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "plugin":
-        from kmsplugin import main as plugin_main
-
-        return plugin_main.serve(args)
+    if args.command in ("plugin", "operator"):
+        return _serve(args)
     logs.configure("warning")
     logging.getLogger("keyward.audit").setLevel(logging.INFO)
     try:
-        if args.command == "keys":
-            from keyward.cli import keys
+        if args.command == "rotate":
+            from keyward.cli import requests
 
-            return keys.run(args)
+            return requests.rotate(args.name)
+        from keyward.cli import keys
+
+        return keys.run(args)
     except (errors.ConfigurationError, errors.LoginError) as exc:
         print(f"keyward: {exc}", file=sys.stderr)  # noqa: T201
         return 2
@@ -57,7 +67,17 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-    return 2
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """The long-running processes: they configure their own logging and report their own errors."""
+    if args.command == "plugin":
+        from kmsplugin import main as plugin_main
+
+        return plugin_main.serve(args)
+    from keyward_operator import main as operator_main
+
+    return operator_main.run(args)
 
 
 if __name__ == "__main__":

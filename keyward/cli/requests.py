@@ -1,0 +1,47 @@
+"""``keyward rotate NAME``: asks the operator for a rotation through the EncryptionKey's annotation.
+
+It sets ``keyward.io/rotate-requested-at`` to the current time and ``keyward.io/rotate-requested-by`` to
+the Kubernetes user the API says we are (SelfSubjectReview), so the operator's audit log names who asked.
+"""
+
+from __future__ import annotations
+
+import datetime
+import sys
+from typing import Any
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+ROTATE_ANNOTATION = "keyward.io/rotate-requested-at"
+REQUESTED_BY_ANNOTATION = "keyward.io/rotate-requested-by"
+
+
+def rotate(name: str) -> int:
+    try:
+        config.load_kube_config()
+    except config.ConfigException as exc:
+        sys.stderr.write(f"keyward: cannot reach the cluster: {exc}; set KUBECONFIG\n")
+        return 2
+    who = "unknown"
+    try:
+        review: Any = client.AuthenticationV1Api().create_self_subject_review(client.V1SelfSubjectReview())
+        who = review.status.user_info.username or "unknown"
+    except ApiException:
+        pass
+    now = datetime.datetime.now(tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    patch = {"metadata": {"annotations": {ROTATE_ANNOTATION: now, REQUESTED_BY_ANNOTATION: who}}}
+    try:
+        client.CustomObjectsApi().patch_cluster_custom_object(
+            "keyward.io", "v1alpha1", "encryptionkeys", name, patch
+        )
+    except ApiException as exc:
+        if exc.status == 404:
+            sys.stderr.write(f"keyward: EncryptionKey {name!r} does not exist (kubectl get encryptionkeys)\n")
+        else:
+            sys.stderr.write(f"keyward: the API refused the rotation request: {exc.status} {exc.reason}\n")
+        return 1
+    sys.stdout.write(
+        f"rotation of {name} requested at {now}; watch it with: kubectl get encryptionkey {name}\n"
+    )
+    return 0

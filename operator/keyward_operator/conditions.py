@@ -1,0 +1,43 @@
+"""Status conditions in the metav1.Condition shape, keyed by type (pure).
+
+A condition's lastTransitionTime changes only when its status changes, so watchers can tell how long a key
+has been in a state. Reasons are CamelCase constants, as Kubernetes conventions ask.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+READY = "Ready"
+VERSIONS_RECONCILED = "VersionsReconciled"
+ROTATION_REQUEST = "RotationRequestHandled"
+
+
+def merge(
+    existing: Iterable[Mapping[str, Any]],
+    updates: Iterable[tuple[str, bool, str, str]],
+    *,
+    generation: int,
+    now: datetime.datetime,
+) -> list[dict[str, Any]]:
+    """Applies (type, ok, reason, message) updates to the existing list and returns the new list."""
+    by_type = {c["type"]: dict(c) for c in existing if "type" in c}
+    for ctype, ok, reason, message in updates:
+        status = "True" if ok else "False"
+        old = by_type.get(ctype)
+        transition = old["lastTransitionTime"] if old and old.get("status") == status else _ts(now)
+        by_type[ctype] = {
+            "type": ctype,
+            "status": status,
+            "reason": reason,
+            "message": message[:1000],
+            "lastTransitionTime": transition,
+            "observedGeneration": generation,
+        }
+    return [by_type[t] for t in sorted(by_type)]
+
+
+def _ts(value: datetime.datetime) -> str:
+    return value.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

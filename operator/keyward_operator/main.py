@@ -1,0 +1,79 @@
+"""``keyward operator run``: leader election, then Kopf reconciling EncryptionKeys against the HSM store.
+
+The process holds one key store (one PKCS#11 session on the process's single PKCS#11 thread). It acts only
+while it holds the Lease; losing it stops the process with exit code 1 so that a supervisor restarts it as
+a follower.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+import threading
+import uuid
+
+import kopf
+from kubernetes import client
+
+from keyward import logs
+from keyward.hsm import config as hsm_config
+from keyward.hsm import errors, store, worker
+from keyward_operator import handlers, kubeapi, leadership, reconciling
+
+_log = logging.getLogger("keyward.operator")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--lease-namespace",
+        default=os.environ.get("POD_NAMESPACE", "kube-system"),
+        help="namespace of the leader-election Lease (env POD_NAMESPACE, default kube-system)",
+    )
+    parser.add_argument("--lease-name", default="keyward-operator")
+    parser.add_argument(
+        "--interval",
+        type=float,
+        default=float(os.environ.get("KEYWARD_RECONCILE_INTERVAL", "30")),
+        help="seconds between periodic reconciliations (scheduled rotation and destruction)",
+    )
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def run(args: argparse.Namespace) -> int:
+    logs.configure(args.log_level)
+    try:
+        cfg = hsm_config.from_args(args)
+        cfg.check()
+    except errors.StoreError as exc:
+        print(f"keyward operator: {exc}", file=sys.stderr)  # noqa: T201
+        return 2
+    kubeapi.load_config()
+    key_store = store.KeyStore(worker.HsmWorker(cfg, default_timeout=30))
+    identity = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+    elector = leadership.LeaderElector(
+        client.CoordinationV1Api(), namespace=args.lease_namespace, identity=identity, name=args.lease_name
+    )
+    stop = threading.Event()
+    lost = threading.Event()
+    if not elector.acquire(stop):
+        return 0
+
+    def on_lost() -> None:
+        lost.set()
+        stop.set()
+
+    elector.keep(stop, on_lost)
+    reconciler = reconciling.Reconciler(key_store, kubeapi.RotationPolicies(client.CustomObjectsApi()))
+    registry = handlers.build_registry(reconciler, interval=args.interval)
+    _log.info("operator.started", extra={"fields": {"identity": identity, "interval": args.interval}})
+    try:
+        kopf.run(registry=registry, clusterwide=True, standalone=True, stop_flag=stop)
+    finally:
+        stop.set()
+        if not lost.is_set():
+            elector.release()
+        key_store.hsm.close()
+    return 1 if lost.is_set() else 0
