@@ -56,10 +56,8 @@ def build_registry(reconciler: reconciling.Reconciler, *, interval: float) -> ko
         patch.status.update(outcome.status)
         for etype, reason, message in outcome.events:
             kopf.event(body, type=etype, reason=reason, message=message)
-            logger.info(
-                "key.event",
-                extra={"fields": {"key": body.metadata.name, "reason": reason, "message": message}},
-            )
+            fields = {"key": body.metadata.name, "type": etype, "reason": reason, "message": message}
+            _log.info("key.event", extra={"fields": fields})
 
     @kopf.on.resume(**resource, id="reconcile-on-resume")
     @kopf.on.create(**resource, id="reconcile-on-create")

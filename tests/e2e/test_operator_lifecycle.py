@@ -16,12 +16,14 @@ pytestmark = pytest.mark.e2e
 
 def policy(name: str, **fields: str) -> str:
     lines = "".join(f"  {k}: {v!r}\n" for k, v in fields.items())
-    return f"apiVersion: keyward.io/v1alpha1\nkind: RotationPolicy\nmetadata:\n  name: {name}\nspec:\n{lines or '  {}'}"
+    head = f"apiVersion: keyward.io/v1alpha1\nkind: RotationPolicy\nmetadata:\n  name: {name}\n"
+    return f"{head}spec:\n{lines or '  {}'}"
 
 
 def encryption_key(name: str, policy_name: str | None = None, versions: str = "") -> str:
     spec = f"  rotationPolicyRef:\n    name: {policy_name}\n" if policy_name else "  {}\n"
-    return f"apiVersion: keyward.io/v1alpha1\nkind: EncryptionKey\nmetadata:\n  name: {name}\nspec:\n{spec}{versions}"
+    head = f"apiVersion: keyward.io/v1alpha1\nkind: EncryptionKey\nmetadata:\n  name: {name}\n"
+    return f"{head}spec:\n{spec}{versions}"
 
 
 def ready(c: OperatorCluster, name: str) -> bool:
