@@ -326,36 +326,44 @@ def test_a_version_entry_with_version_0_or_an_unknown_state_is_refused(
     assert message in err, err
 
 
+DESTROYED_STATUS = {
+    "status": {
+        "versions": [
+            {"version": 1, "keyID": "k/v1/" + "ab" * 12, "state": "Destroyed"},
+            {"version": 2, "keyID": "k/v2/" + "cd" * 12, "state": "Enabled"},
+        ]
+    }
+}
+
+
 @pytest.mark.parametrize(
     "attempt",
-    [
-        versions((1, "Enabled"), (2, "Enabled")),
-        versions((1, "Disabled"), (2, "Enabled")),
-        versions((2, "Enabled")),
-        {"spec": {"versions": []}},
-        {"spec": {"versions": None}},
-    ],
-    ids=["enable", "disable", "drop-entry", "empty-list", "remove-list"],
+    [versions((1, "Enabled"), (2, "Enabled")), versions((1, "Disabled"), (2, "Enabled"))],
+    ids=["enable", "disable"],
 )
-def test_a_destroyed_version_cannot_be_resurrected(api: Api, attempt: dict[str, Any]) -> None:
+def test_a_version_the_status_reports_destroyed_cannot_be_resurrected(
+    api: Api, attempt: dict[str, Any]
+) -> None:
     name = unique_name("resurrect", attempt)
     api.create(key(name))
     api.patch(EK, name, versions((1, "Destroyed"), (2, "Enabled")))
+    api.patch(EK, name, DESTROYED_STATUS, status=True)
     err = api.refused_patch(EK, name, attempt)
     assert "spec.versions: Invalid value: version 1 was destroyed: destruction is permanent" in err, err
 
 
-def test_a_destroyed_version_may_stay_destroyed_while_other_entries_change(api: Api) -> None:
-    api.create(key("still-destroyed"))
-    api.patch(EK, "still-destroyed", versions((1, "Destroyed"), (2, "Enabled")))
-    api.patch(EK, "still-destroyed", versions((3, "Enabled"), (2, "Disabled"), (1, "Destroyed")))
-    obj = api.get(EK, "still-destroyed")
-    assert obj is not None
-    assert {v["version"]: v["state"] for v in obj["spec"]["versions"]} == {
-        1: "Destroyed",
-        2: "Disabled",
-        3: "Enabled",
-    }
+def test_a_scheduled_destruction_can_be_cancelled_while_the_status_says_it_is_not_done(api: Api) -> None:
+    api.create(key("cancel-destroy"))
+    api.patch(EK, "cancel-destroy", versions((1, "Destroyed"), (2, "Enabled")))
+    api.patch(
+        EK,
+        "cancel-destroy",
+        {"status": {"versions": [{"version": 1, "keyID": "k/v1/" + "ab" * 12, "state": "DestroyScheduled"}]}},
+        status=True,
+    )
+    api.patch(EK, "cancel-destroy", versions((1, "Disabled"), (2, "Enabled")))
+    obj = api.get(EK, "cancel-destroy")
+    assert obj is not None and obj["spec"]["versions"][0]["state"] == "Disabled"
 
 
 @pytest.mark.parametrize("state", ["Disabled", "Destroyed"])

@@ -92,3 +92,268 @@ def test_a_manual_rotation_makes_exactly_one_version_and_new_secrets_use_it(oper
 
     wait_for(new_secret_under_new_key, timeout=150, interval=5, what="a new Secret under the new key")
     assert c.kubectl("get", "secret", "before-rotation", "-o", "jsonpath={.data.k}").stdout == "b2xk"
+
+
+def versions_of(c: OperatorCluster, name: str) -> list[dict]:
+    return c.hsm_keys().get(name, {}).get("versions", [])
+
+
+def test_scheduled_rotation_happens_on_time_and_the_minimum_interval_holds(operator_cluster):
+    import datetime
+
+    c = operator_cluster
+    c.apply(policy("fast", rotationPeriod="8s", minimumRotationInterval="1s"))
+    c.apply(policy("capped", rotationPeriod="3s", minimumRotationInterval="3s", decryptOnlyPeriod="1h"))
+    c.apply(encryption_key("fast-key", "fast"))
+    wait_for(
+        lambda: len(versions_of(c, "fast-key")) >= 3, timeout=60, what=f"two scheduled rotations\n{c.logs()}"
+    )
+    created = [datetime.datetime.fromisoformat(v["createdAt"]) for v in versions_of(c, "fast-key")]
+    gaps = [(b - a).total_seconds() for a, b in zip(created, created[1:], strict=False)]
+    # Due every 8 s; the operator's timer ticks every second, so each rotation is at most a few seconds late.
+    assert all(8 <= g <= 14 for g in gaps[:2]), gaps
+    assert c.key("fast-key")["status"]["nextRotationTime"]
+    # A request before the minimum interval has passed waits; it is then done once.
+    c.apply(policy("slow-min", rotationPeriod="1h", minimumRotationInterval="20s"))
+    c.apply(encryption_key("rate-limited", "slow-min"))
+    wait_for(lambda: ready(c, "rate-limited"), timeout=30, what="Ready")
+    c.kubectl(
+        "annotate", "encryptionkey", "rate-limited", "keyward.io/rotate-requested-at=now", "--overwrite"
+    )
+    cond = wait_for(
+        lambda: (x := c.condition("rate-limited", "RotationRequestHandled")) and x,
+        timeout=20,
+        what="the rate-limit condition",
+    )
+    assert cond["status"] == "False" and cond["reason"] == "RotationRateLimited", cond
+    assert len(versions_of(c, "rate-limited")) == 1
+    wait_for(lambda: len(versions_of(c, "rate-limited")) == 2, timeout=40, what="the deferred rotation")
+    v1, v2 = (datetime.datetime.fromisoformat(v["createdAt"]) for v in versions_of(c, "rate-limited"))
+    assert (v2 - v1).total_seconds() >= 20
+
+
+def test_an_operator_killed_between_generating_and_promoting_completes_the_rotation_once(operator_cluster):
+    c = operator_cluster
+    c.apply(encryption_key("crashy", "default"))
+    wait_for(lambda: ready(c, "crashy"), timeout=30, what="Ready")
+    c.operator.stop()
+    crashing = c.new_operator("operator-crash", KEYWARD_FAILPOINTS="store.after-generate")
+    crashing.start()
+    c.kubectl("annotate", "encryptionkey", "crashy", "keyward.io/rotate-requested-at=once", "--overwrite")
+    wait_for(lambda: crashing.exited() is not None, timeout=60, what="the operator to die at the failpoint")
+    assert "failpoint store.after-generate reached" in crashing.log_path.read_text()
+    half = versions_of(c, "crashy")
+    assert [v["state"] for v in half] == ["Enabled", "PendingGeneration"]
+    c.operator.start()
+    wait_for(
+        lambda: c.key("crashy")["status"].get("lastHandledRotateRequest") == "once",
+        timeout=60,
+        what=f"the rotation to complete\n{c.logs()}",
+    )
+    done = versions_of(c, "crashy")
+    assert [(v["version"], v["state"]) for v in done] == [(1, "Enabled"), (2, "Enabled")]
+    assert c.key("crashy")["status"]["primaryVersion"] == 2
+    assert count_key_objects(c, [v["objectId"] for v in done]) == 2, "an orphaned or duplicate key object"
+
+
+def count_key_objects(c: OperatorCluster, object_ids: list[str]) -> int:
+    import subprocess
+    import sys
+
+    code = (
+        "import os, pkcs11; from pkcs11 import Attribute, ObjectClass\n"
+        "lib = pkcs11.lib(os.environ['KEYWARD_PKCS11_MODULE'])\n"
+        "s = lib.get_token(token_label='keyward').open(user_pin=open(os.environ['KEYWARD_PIN_FILE']).read().strip())\n"
+        "ids = set(os.environ['IDS'].split(','))\n"
+        "keys = list(s.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY}))\n"
+        "print(sum(1 for k in keys if bytes(k[Attribute.ID]).hex() in ids),"
+        " sum(1 for k in keys if str(k[Attribute.LABEL]).startswith('keyward/crashy/')))\n"
+    )
+    env = {**c.plugin.environment(), "IDS": ",".join(object_ids)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    matching, labelled = (int(x) for x in out.stdout.split())
+    assert matching == labelled, (
+        f"{labelled} key objects carry the key's label, {matching} are in its manifest"
+    )
+    return matching
+
+
+def test_disable_enable_schedule_cancel_and_destroy_a_version(operator_cluster):
+    from kmsplugin.client import KmsClient
+
+    c = operator_cluster
+    c.apply(
+        policy("short-window", rotationPeriod="90d", minimumRotationInterval="1s", destructionWindow="6s")
+    )
+    c.apply(encryption_key("secrets", "short-window"))
+    status = wait_for(
+        lambda: (s := c.key("secrets")["status"]).get("rotationPolicy") == "short-window" and s,
+        timeout=30,
+        what="the new policy",
+    )
+    with KmsClient(c.socket_path) as kms:
+        kms.status()
+        sealed = kms.encrypt(b"x" * 32)
+    old = sealed.key_id
+    old_version = status["primaryVersion"]
+    c.kubectl(
+        "annotate", "encryptionkey", "secrets", "keyward.io/rotate-requested-at=before-disable", "--overwrite"
+    )
+    wait_for(
+        lambda: c.key("secrets")["status"]["primaryVersion"] == old_version + 1, timeout=30, what="rotation"
+    )
+
+    def set_state(state: str) -> None:
+        c.kubectl(
+            "patch",
+            "encryptionkey",
+            "secrets",
+            "--type",
+            "merge",
+            "-p",
+            f'{{"spec":{{"versions":[{{"version":{old_version},"state":"{state}"}}]}}}}',
+        )
+
+    def hsm_state() -> str:
+        return next(v["state"] for v in versions_of(c, "secrets") if v["version"] == old_version)
+
+    def decrypts() -> bool:
+        import grpc
+
+        with KmsClient(c.socket_path) as kms:
+            try:
+                return kms.decrypt(sealed.ciphertext, old) == b"x" * 32
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.FAILED_PRECONDITION, exc.details()
+                return False
+
+    set_state("Disabled")
+    wait_for(lambda: hsm_state() == "Disabled", timeout=30, what="Disabled")
+    wait_for(lambda: not decrypts(), timeout=10, what="the plugin to refuse the disabled version")
+    set_state("Enabled")
+    wait_for(lambda: hsm_state() == "Enabled", timeout=30, what="Enabled")
+    wait_for(decrypts, timeout=10, what="the plugin to decrypt again")
+    set_state("Disabled")
+    wait_for(lambda: hsm_state() == "Disabled", timeout=30, what="Disabled again")
+    c.kubectl("patch", "encryptionkey", "secrets", "--type", "merge", "-p", '{"spec":{"versions":[]}}')
+    set_state("Destroyed")
+    wait_for(lambda: hsm_state() == "DestroyScheduled", timeout=30, what="DestroyScheduled")
+    set_state("Disabled")  # cancel within the window
+    wait_for(lambda: hsm_state() == "Disabled", timeout=30, what="cancellation back to Disabled")
+    set_state("Destroyed")
+    wait_for(lambda: hsm_state() == "Destroyed", timeout=60, what=f"destruction after the window\n{c.logs()}")
+    destroyed = next(v for v in versions_of(c, "secrets") if v["version"] == old_version)
+    assert count_key_objects_named(c, destroyed["objectId"]) == 0
+    assert not decrypts()
+    reasons = c.kubectl(
+        "get",
+        "events",
+        "--field-selector",
+        "involvedObject.name=secrets",
+        "-o",
+        "jsonpath={.items[*].reason}",
+    ).stdout.split()
+    for reason in (
+        "VersionDisabled",
+        "VersionEnabled",
+        "DestructionScheduled",
+        "DestructionCancelled",
+        "VersionDestroyed",
+        "Rotated",
+    ):
+        assert reason in reasons, reasons
+
+
+def count_key_objects_named(c: OperatorCluster, object_id: str) -> int:
+    import subprocess
+    import sys
+
+    code = (
+        "import os, pkcs11; from pkcs11 import Attribute, ObjectClass\n"
+        "lib = pkcs11.lib(os.environ['KEYWARD_PKCS11_MODULE'])\n"
+        "s = lib.get_token(token_label='keyward').open(user_pin=open(os.environ['KEYWARD_PIN_FILE']).read().strip())\n"
+        "print(len(list(s.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.ID: bytes.fromhex(os.environ['OID'])}))))\n"
+    )
+    env = {**c.plugin.environment(), "OID": object_id}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return int(out.stdout)
+
+
+def test_a_missing_rotation_policy_is_reported_and_nothing_is_created_in_the_hsm(operator_cluster):
+    c = operator_cluster
+    c.apply(encryption_key("orphan", "no-such-policy"))
+    cond = wait_for(lambda: (x := c.condition("orphan", "Ready")) and x, timeout=30, what="a Ready condition")
+    assert cond["status"] == "False" and cond["reason"] == "RotationPolicyNotFound"
+    assert "RotationPolicy 'no-such-policy' does not exist" in cond["message"]
+    assert "orphan" not in c.hsm_keys()
+    c.apply(policy("no-such-policy"))
+    wait_for(lambda: ready(c, "orphan"), timeout=30, what="Ready once the policy exists")
+    assert "orphan" in c.hsm_keys()
+
+
+def test_deleting_an_encryption_key_keeps_its_hsm_material(operator_cluster):
+    c = operator_cluster
+    c.apply(encryption_key("retired", "default"))
+    wait_for(lambda: ready(c, "retired"), timeout=30, what="Ready")
+    key_id = c.key("retired")["status"]["primaryKeyID"]
+    c.kubectl("delete", "encryptionkey", "retired", "--timeout=60s")
+    assert c.key("retired") == {}
+    assert c.hsm_keys()["retired"]["primaryKeyId"] == key_id
+    # Created again, it adopts the same material.
+    c.apply(encryption_key("retired", "default"))
+    wait_for(lambda: ready(c, "retired"), timeout=30, what="Ready after re-creation")
+    assert c.key("retired")["status"]["primaryKeyID"] == key_id
+
+
+def test_keyward_rotate_asks_the_operator_and_the_audit_names_the_user(operator_cluster):
+    import os
+    import subprocess
+    import sys
+
+    c = operator_cluster
+    c.apply(encryption_key("audited", "default"))
+    wait_for(lambda: ready(c, "audited"), timeout=30, what="Ready")
+    keyward = os.path.join(os.path.dirname(sys.executable), "keyward")
+    out = subprocess.run(
+        [keyward, "rotate", "audited"],
+        env={**os.environ, "KUBECONFIG": str(c.apiserver.kubeconfig)},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    wait_for(lambda: c.key("audited")["status"].get("primaryVersion") == 2, timeout=30, what="the rotation")
+    rotations = [
+        line
+        for line in c.operator.log_path.read_text().splitlines()
+        if '"event": "key.rotate"' in line and '"key": "audited"' in line
+    ]
+    assert rotations and '"actor": "kubernetes:keyward-admin"' in rotations[-1], rotations
+    missing = subprocess.run(
+        [keyward, "rotate", "nope"],
+        env={**os.environ, "KUBECONFIG": str(c.apiserver.kubeconfig)},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert missing.returncode == 1 and "EncryptionKey 'nope' does not exist" in missing.stderr
+
+
+def test_two_operator_replicas_never_both_act_and_the_follower_takes_over(operator_cluster):
+    c = operator_cluster
+    follower = c.new_operator("operator-2")
+    follower.start()
+    assert "leadership.waiting" in follower.log_path.read_text()
+    c.apply(encryption_key("leader-test", "default"))
+    wait_for(lambda: ready(c, "leader-test"), timeout=30, what="Ready")
+    assert "leader-test" not in follower.log_path.read_text(), "the follower acted while the leader led"
+    c.operator.kill()  # no release: the follower must wait for the Lease to expire
+    c.apply(encryption_key("after-failover", "default"))
+    wait_for(
+        lambda: ready(c, "after-failover"),
+        timeout=60,
+        what=f"the follower to take over\n{follower.log_tail()}",
+    )
+    assert "leadership.acquired" in follower.log_path.read_text()
+    follower.stop()
+    c.operator.start()
