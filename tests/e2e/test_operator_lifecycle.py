@@ -6,6 +6,9 @@ SoftHSM2 token they share. The plugin serves the key `secrets`; other tests use 
 
 from __future__ import annotations
 
+import itertools
+from typing import Any
+
 import pytest
 
 from conftest import OperatorCluster, wait_for
@@ -24,6 +27,12 @@ def encryption_key(name: str, policy_name: str | None = None, versions: str = ""
     spec = f"  rotationPolicyRef:\n    name: {policy_name}\n" if policy_name else "  {}\n"
     head = f"apiVersion: keyward.io/v1alpha1\nkind: EncryptionKey\nmetadata:\n  name: {name}\n"
     return f"{head}spec:\n{spec}{versions}"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def default_policy(operator_cluster: OperatorCluster) -> None:
+    """Every test may refer to the policy `default`; tests that need others apply their own."""
+    operator_cluster.apply(policy("default", minimumRotationInterval="2s"))
 
 
 def ready(c: OperatorCluster, name: str) -> bool:
@@ -94,7 +103,7 @@ def test_a_manual_rotation_makes_exactly_one_version_and_new_secrets_use_it(oper
     assert c.kubectl("get", "secret", "before-rotation", "-o", "jsonpath={.data.k}").stdout == "b2xk"
 
 
-def versions_of(c: OperatorCluster, name: str) -> list[dict]:
+def versions_of(c: OperatorCluster, name: str) -> list[dict[str, Any]]:
     return c.hsm_keys().get(name, {}).get("versions", [])
 
 
@@ -109,7 +118,7 @@ def test_scheduled_rotation_happens_on_time_and_the_minimum_interval_holds(opera
         lambda: len(versions_of(c, "fast-key")) >= 3, timeout=60, what=f"two scheduled rotations\n{c.logs()}"
     )
     created = [datetime.datetime.fromisoformat(v["createdAt"]) for v in versions_of(c, "fast-key")]
-    gaps = [(b - a).total_seconds() for a, b in zip(created, created[1:], strict=False)]
+    gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(created)]
     # Due every 8 s; the operator's timer ticks every second, so each rotation is at most a few seconds late.
     assert all(8 <= g <= 14 for g in gaps[:2]), gaps
     assert c.key("fast-key")["status"]["nextRotationTime"]
@@ -156,22 +165,38 @@ def test_an_operator_killed_between_generating_and_promoting_completes_the_rotat
     assert count_key_objects(c, [v["objectId"] for v in done]) == 2, "an orphaned or duplicate key object"
 
 
-def count_key_objects(c: OperatorCluster, object_ids: list[str]) -> int:
+# Lists the token's secret-key objects as "<id hex> <label>" lines, from a process of its own (the PKCS#11
+# module is loaded once per process, and this test process never loads it).
+_LIST_KEY_OBJECTS = """
+import os, pkcs11
+from pkcs11 import Attribute, ObjectClass
+lib = pkcs11.lib(os.environ["KEYWARD_PKCS11_MODULE"])
+token = lib.get_token(token_label=os.environ["KEYWARD_TOKEN_LABEL"])
+with open(os.environ["KEYWARD_PIN_FILE"]) as f:
+    session = token.open(user_pin=f.read().strip())
+for key in session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY}):
+    print(bytes(key[Attribute.ID]).hex(), key[Attribute.LABEL])
+"""
+
+
+def token_key_objects(c: OperatorCluster) -> list[tuple[str, str]]:
     import subprocess
     import sys
 
-    code = (
-        "import os, pkcs11; from pkcs11 import Attribute, ObjectClass\n"
-        "lib = pkcs11.lib(os.environ['KEYWARD_PKCS11_MODULE'])\n"
-        "s = lib.get_token(token_label='keyward').open(user_pin=open(os.environ['KEYWARD_PIN_FILE']).read().strip())\n"
-        "ids = set(os.environ['IDS'].split(','))\n"
-        "keys = list(s.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY}))\n"
-        "print(sum(1 for k in keys if bytes(k[Attribute.ID]).hex() in ids),"
-        " sum(1 for k in keys if str(k[Attribute.LABEL]).startswith('keyward/crashy/')))\n"
+    out = subprocess.run(
+        [sys.executable, "-c", _LIST_KEY_OBJECTS],
+        env=c.plugin.environment(),
+        capture_output=True,
+        text=True,
+        check=True,
     )
-    env = {**c.plugin.environment(), "IDS": ",".join(object_ids)}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    matching, labelled = (int(x) for x in out.stdout.split())
+    return [(line.split()[0], line.split()[1]) for line in out.stdout.splitlines()]
+
+
+def count_key_objects(c: OperatorCluster, object_ids: list[str]) -> int:
+    objects = token_key_objects(c)
+    matching = sum(1 for oid, _ in objects if oid in object_ids)
+    labelled = sum(1 for _, label in objects if label.startswith("keyward/crashy/"))
     assert matching == labelled, (
         f"{labelled} key objects carry the key's label, {matching} are in its manifest"
     )
@@ -243,7 +268,7 @@ def test_disable_enable_schedule_cancel_and_destroy_a_version(operator_cluster):
     set_state("Destroyed")
     wait_for(lambda: hsm_state() == "Destroyed", timeout=60, what=f"destruction after the window\n{c.logs()}")
     destroyed = next(v for v in versions_of(c, "secrets") if v["version"] == old_version)
-    assert count_key_objects_named(c, destroyed["objectId"]) == 0
+    assert destroyed["objectId"] not in {oid for oid, _ in token_key_objects(c)}
     assert not decrypts()
     reasons = c.kubectl(
         "get",
@@ -262,21 +287,6 @@ def test_disable_enable_schedule_cancel_and_destroy_a_version(operator_cluster):
         "Rotated",
     ):
         assert reason in reasons, reasons
-
-
-def count_key_objects_named(c: OperatorCluster, object_id: str) -> int:
-    import subprocess
-    import sys
-
-    code = (
-        "import os, pkcs11; from pkcs11 import Attribute, ObjectClass\n"
-        "lib = pkcs11.lib(os.environ['KEYWARD_PKCS11_MODULE'])\n"
-        "s = lib.get_token(token_label='keyward').open(user_pin=open(os.environ['KEYWARD_PIN_FILE']).read().strip())\n"
-        "print(len(list(s.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.ID: bytes.fromhex(os.environ['OID'])}))))\n"
-    )
-    env = {**c.plugin.environment(), "OID": object_id}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    return int(out.stdout)
 
 
 def test_a_missing_rotation_policy_is_reported_and_nothing_is_created_in_the_hsm(operator_cluster):
