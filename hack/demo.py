@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     with KmsClient(facts["kms_socket"]) as kms:
         status = kms.status()
     say(f"plugin Status: version={status.version} healthz={status.healthz} key_id={status.key_id}")
+    say("The operator manages it as an EncryptionKey (kubectl get encryptionkeys -o wide):")
+    say(run(*kubectl, "get", "encryptionkeys", "-o", "wide", show=False).rstrip())
     say()
 
     value = f"s3cr3t-{secrets.token_hex(8)}"

@@ -1184,6 +1184,7 @@ class State:
         ("plugin", "plugin", Plugin.exe_name),
         ("etcd", "etcd", Etcd.exe_name),
         ("kube-apiserver", "apiserver", KubeApiserver.exe_name),
+        ("operator", "operator", Operator.exe_name),
     )
 
     def __init__(self, dir: Path) -> None:
@@ -1342,6 +1343,9 @@ def _start_all(
     status, body = apiserver.get("/readyz/kms-providers?verbose")
     if status != 200:
         raise apiserver.fail(f"/readyz/kms-providers answered {status}: {body.strip()}")
+    _install_operator(
+        state, apiserver, token=token, started=started, key_name=key_name, keyward_bin=keyward_bin
+    )
     elapsed = time.monotonic() - t0
 
     facts = {
@@ -1368,8 +1372,43 @@ def _start_all(
             f"  etcd            {etcd.endpoint}  pid {etcd.pid}",
             f"  kms plugin      unix://{socket_path}  pid {plugin.pid}  key {key_name!r}",
             f"  SoftHSM2 token  {token.label!r}  ({token.conf_path})",
+            f"  operator        EncryptionKey {key_name!r} Ready  (kubectl get encryptionkeys)",
         ]
     )
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _install_operator(
+    state: State,
+    apiserver: KubeApiserver,
+    *,
+    token: SoftHsmToken,
+    started: list[ManagedProcess],
+    key_name: str,
+    keyward_bin: Path,
+) -> None:
+    """CRDs, the example RotationPolicy and EncryptionKey for the served key, and the operator."""
+    apiserver.kubectl("apply", "-f", str(REPO / "deploy" / "crds"))
+    apiserver.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
+    example = (REPO / "deploy" / "examples" / "secrets-key.yaml").read_text()
+    apiserver.kubectl("apply", "-f", "-", input=example.replace("name: secrets ", f"name: {key_name} "))
+    operator = Operator(
+        state.dir / "operator", token, apiserver.kubeconfig, interval=5.0, keyward_bin=keyward_bin
+    )
+    operator.detach = True
+    started.append(operator)
+    operator.start()
+    jsonpath = '{.status.conditions[?(@.type=="Ready")].status}'
+    deadline = time.monotonic() + 60
+    while (
+        apiserver.kubectl("get", "encryptionkey", key_name, "-o", f"jsonpath={jsonpath}", check=False).stdout
+        != "True"
+    ):
+        if time.monotonic() > deadline:
+            raise operator.fail(f"EncryptionKey {key_name!r} not Ready after 60s")
+        time.sleep(0.5)
 
 
 def cmd_down(state: State) -> int:

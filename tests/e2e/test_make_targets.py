@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import shlex
@@ -66,6 +67,12 @@ def test_up_env_demo_down_give_a_user_a_working_encrypted_cluster_and_clean_up()
         demo = run("hack/demo.py", "--state", str(state))
         assert demo.returncode == 0, demo.stdout + demo.stderr
         assert '"proof": true' in demo.stdout
+        # make up installs the operator too: the served key is an EncryptionKey, Ready, with the same key_id.
+        key_id = json.loads(demo.stdout.splitlines()[-1])["key_id"]
+        rows = [line.split() for line in demo.stdout.splitlines() if line.startswith("secrets ")]
+        assert any(row[2] == "True" and row[-1] == key_id for row in rows), (
+            rows
+        )  # NAME PRIMARY READY ... KEY ID
         assert "[FAILED]" not in demo.stdout and "k8s:enc:kms:v2:keyward:" in demo.stdout
 
         inspect = subprocess.run(
