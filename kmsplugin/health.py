@@ -93,6 +93,11 @@ class HealthProbe:
             return Health(f"hsm: {exc}", self._last_good_key_id)
         except limits.LimitError as exc:
             return Health(f"primary key_id unusable: {exc}", self._last_good_key_id)
+        except Exception as exc:  # Status must always answer: an unexpected failure is "not ok", not a crash
+            _log.error("status.probe_failed", exc_info=exc)
+            return Health(
+                f"internal error while checking the HSM ({type(exc).__name__})", self._last_good_key_id
+            )
         self.view.report(primary)
         self._last_good_key_id = primary.key_id
         return Health("ok", primary.key_id)

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 
 from keyward.hsm import errors
-from keyward.hsm.manifests import Manifest, Version
+from keyward.hsm.manifests import Manifest, State, Version
 from keyward.hsm.store import KeyStore
 
 
@@ -79,8 +79,10 @@ class KeyView:
         if reported is not None:
             # The reported version may have changed state since (it cannot while primary): recheck it.
             latest = self.current().by_key_id(reported.key_id)
-            if latest is not None:
+            if latest is not None and latest.state is State.ENABLED:
                 return latest
+            # The reported version was superseded and then disabled before the next Status: encrypting
+            # under the current primary beats failing until then.
         return self.primary()
 
     def for_decrypt(self, key_id: str) -> Version:

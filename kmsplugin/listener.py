@@ -72,7 +72,18 @@ def secure(path: pathlib.Path, group: str | None) -> None:
     os.chmod(path, 0o660)
 
 
-def remove(path: pathlib.Path) -> None:
+def identity(path: pathlib.Path) -> tuple[int, int] | None:
+    """(device, inode) of the socket file, to recognise the one this process bound."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def remove(path: pathlib.Path, bound: tuple[int, int] | None) -> None:
+    """Removes the socket file only if it is still the one this process bound (not a successor's)."""
     with contextlib.suppress(FileNotFoundError):
-        if stat.S_ISSOCK(path.lstat().st_mode):
+        st = path.lstat()
+        if stat.S_ISSOCK(st.st_mode) and bound is not None and (st.st_dev, st.st_ino) == bound:
             path.unlink()

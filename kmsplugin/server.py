@@ -80,10 +80,12 @@ def run(settings: Settings) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    bound: tuple[int, int] | None = None
     try:
         with listener.private_umask():
             server.add_insecure_port(f"unix://{settings.socket_path}")
             server.start()
+        bound = listener.identity(settings.socket_path)
         listener.secure(settings.socket_path, settings.socket_group)
         first = probe.check()
         _log.info(
@@ -104,7 +106,7 @@ def run(settings: Settings) -> int:
         server.stop(grace=None)
         return 2
     finally:
-        listener.remove(settings.socket_path)
+        listener.remove(settings.socket_path, bound)
         hsm.close()
     _log.info("plugin.stopped")
     return 0

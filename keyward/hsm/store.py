@@ -407,5 +407,6 @@ def _default_lock_path(module_path: pathlib.Path, token_label: str) -> pathlib.P
     env = os.environ.get("KEYWARD_STORE_LOCK")
     if env:
         return pathlib.Path(env)
-    digest = hashlib.sha256(f"{module_path}\0{token_label}".encode()).hexdigest()[:16]
+    # realpath: the same module reached through a symlink must get the same lock.
+    digest = hashlib.sha256(f"{os.path.realpath(module_path)}\0{token_label}".encode()).hexdigest()[:16]
     return pathlib.Path(tempfile.gettempdir()) / f"keyward-store-{digest}.lock"

@@ -138,7 +138,16 @@ class HsmWorker:
 
     def _call(self, fn: Callable[[Any], T]) -> T:
         for attempt in (1, 2):
-            session = self._ensure_session()
+            try:
+                session = self._ensure_session()
+            except p11e.PKCS11Error as exc:
+                # Not one of the failures _ensure_session translates (the token vanished mid-call, the
+                # module answered with a generic error): forget the token so the next call looks it up.
+                self._drop_session()
+                self._token = None
+                raise errors.HsmUnavailable(
+                    f"the token is not usable right now ({type(exc).__name__})"
+                ) from exc
             try:
                 return fn(session)
             except _SESSION_ERRORS as exc:

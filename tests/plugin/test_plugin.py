@@ -336,3 +336,16 @@ def test_a_configured_group_gets_a_0660_socket_it_owns(short_tmp, token):
         assert st.st_gid == grp.getgrnam("daemon").gr_gid
     finally:
         plugin.stop()
+
+
+def test_after_rotate_then_disable_of_the_reported_version_encrypt_uses_the_new_primary(
+    start_plugin, keyward
+):
+    plugin = start_plugin()
+    with KmsClient(plugin.socket_path) as kms:
+        reported = kms.status().key_id
+        keyward("keys", "rotate", "secrets")
+        keyward("keys", "disable", "secrets", "1")
+        time.sleep(2.5)  # past the plugin's manifest refresh, before its next Status
+        sealed = kms.encrypt(b"e" * 32)
+        assert sealed.key_id != reported and sealed.key_id.startswith("secrets/v2/")

@@ -40,7 +40,7 @@ def test_durations_parse(text, seconds):
 
 @pytest.mark.parametrize("text", ["", "5w", "-1d", "ninety days", "1.5h", "h"])
 def test_bad_durations_name_the_field(text):
-    with pytest.raises(durations.DurationError, match="spec.rotationPeriod must be a duration such as 90d"):
+    with pytest.raises(durations.DurationError, match=r"spec\.rotationPeriod must be a duration such as 90d"):
         durations.parse(text, field="spec.rotationPeriod")
 
 
