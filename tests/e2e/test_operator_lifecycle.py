@@ -139,6 +139,8 @@ def test_scheduled_rotation_happens_on_time_and_the_minimum_interval_holds(opera
     wait_for(lambda: len(versions_of(c, "rate-limited")) == 2, timeout=40, what="the deferred rotation")
     v1, v2 = (datetime.datetime.fromisoformat(v["createdAt"]) for v in versions_of(c, "rate-limited"))
     assert (v2 - v1).total_seconds() >= 20
+    # Stop these keys from rotating every few seconds under the tests that follow.
+    c.kubectl("delete", "encryptionkey", "fast-key", "rate-limited", "--timeout=60s")
 
 
 def test_an_operator_killed_between_generating_and_promoting_completes_the_rotation_once(operator_cluster):
@@ -147,13 +149,18 @@ def test_an_operator_killed_between_generating_and_promoting_completes_the_rotat
     wait_for(lambda: ready(c, "crashy"), timeout=30, what="Ready")
     c.operator.stop()
     crashing = c.new_operator("operator-crash", KEYWARD_FAILPOINTS="store.after-generate")
-    crashing.start()
-    c.kubectl("annotate", "encryptionkey", "crashy", "keyward.io/rotate-requested-at=once", "--overwrite")
-    wait_for(lambda: crashing.exited() is not None, timeout=60, what="the operator to die at the failpoint")
-    assert "failpoint store.after-generate reached" in crashing.log_path.read_text()
-    half = versions_of(c, "crashy")
-    assert [v["state"] for v in half] == ["Enabled", "PendingGeneration"]
-    c.operator.start()
+    try:
+        crashing.start()
+        c.kubectl("annotate", "encryptionkey", "crashy", "keyward.io/rotate-requested-at=once", "--overwrite")
+        wait_for(
+            lambda: crashing.exited() is not None, timeout=60, what="the operator to die at the failpoint"
+        )
+        assert "failpoint store.after-generate reached" in crashing.log_path.read_text()
+        half = versions_of(c, "crashy")
+        assert [v["state"] for v in half] == ["Enabled", "PendingGeneration"]
+    finally:
+        crashing.stop()
+        c.operator.start()
     wait_for(
         lambda: c.key("crashy")["status"].get("lastHandledRotateRequest") == "once",
         timeout=60,
