@@ -41,13 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     facts = state.load()
     kubectl = [str(pathlib.Path(facts["bin_dir"]) / "kubectl"), f"--kubeconfig={facts['kubeconfig']}"]
-    env = {
-        **os.environ,
-        "SOFTHSM2_CONF": facts["softhsm2_conf"],
-        "KEYWARD_PKCS11_MODULE": facts["keyward_pkcs11_module"],
-        "KEYWARD_TOKEN_LABEL": facts["keyward_token_label"],
-        "KEYWARD_PIN_FILE": facts["keyward_pin_file"],
-    }
+    env = {**os.environ, **localcluster.token_env(facts)}
 
     def run(*cmd: str, show: bool = True) -> str:
         if show:

@@ -238,6 +238,21 @@ def _key_pem(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> bytes:
     )
 
 
+def _key_usage(*, ca: bool) -> x509.KeyUsage:
+    """EC keys sign: leaves for TLS, the CA also for certificates and CRLs."""
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=ca,
+        crl_sign=ca,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
 class _Leaf(NamedTuple):
     """One leaf certificate of :class:`Pki`."""
 
@@ -317,20 +332,7 @@ class Pki:
                 .not_valid_before(_now() - datetime.timedelta(minutes=5))
                 .not_valid_after(_now() + self.VALIDITY * 10)
                 .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-                .add_extension(
-                    x509.KeyUsage(
-                        digital_signature=True,
-                        content_commitment=False,
-                        key_encipherment=False,
-                        data_encipherment=False,
-                        key_agreement=False,
-                        key_cert_sign=True,
-                        crl_sign=True,
-                        encipher_only=False,
-                        decipher_only=False,
-                    ),
-                    critical=True,
-                )
+                .add_extension(_key_usage(ca=True), critical=True)
                 .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
                 .sign(ca_key, hashes.SHA256())
             )
@@ -368,20 +370,7 @@ class Pki:
             .not_valid_before(_now() - datetime.timedelta(minutes=5))
             .not_valid_after(_now() + self.VALIDITY)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
+            .add_extension(_key_usage(ca=False), critical=True)
             .add_extension(x509.ExtendedKeyUsage(list(leaf.usages)), critical=False)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
@@ -1401,14 +1390,16 @@ def _install_operator(
     started.append(operator)
     operator.start()
     jsonpath = '{.status.conditions[?(@.type=="Ready")].status}'
-    deadline = time.monotonic() + 60
-    while (
-        apiserver.kubectl("get", "encryptionkey", key_name, "-o", f"jsonpath={jsonpath}", check=False).stdout
-        != "True"
-    ):
-        if time.monotonic() > deadline:
-            raise operator.fail(f"EncryptionKey {key_name!r} not Ready after 60s")
-        time.sleep(0.5)
+    operator._poll_until(
+        lambda: (
+            apiserver.kubectl(
+                "get", "encryptionkey", key_name, "-o", f"jsonpath={jsonpath}", check=False
+            ).stdout
+            == "True"
+        ),
+        60,
+        f"reporting EncryptionKey {key_name!r} Ready",
+    )
 
 
 def cmd_down(state: State) -> int:
@@ -1418,6 +1409,14 @@ def cmd_down(state: State) -> int:
     _remove_state(state)
     print("keyward local control plane stopped" if existed else "keyward local control plane was not up")
     return 0
+
+
+TOKEN_ENV = ("SOFTHSM2_CONF", "KEYWARD_PKCS11_MODULE", "KEYWARD_TOKEN_LABEL", "KEYWARD_PIN_FILE")
+
+
+def token_env(facts: Mapping[str, str]) -> dict[str, str]:
+    """The token settings ``up`` recorded (``SoftHsmToken.env()``, keys lowercased), as an environment."""
+    return {name: facts[name.lower()] for name in TOKEN_ENV}
 
 
 def cmd_env(state: State) -> int:
@@ -1436,10 +1435,7 @@ def cmd_env(state: State) -> int:
         "KEYWARD_ETCD_CACERT": facts["etcd_cacert"],
         "KEYWARD_ETCD_CERT": facts["etcd_cert"],
         "KEYWARD_ETCD_KEY": facts["etcd_key"],
-        "SOFTHSM2_CONF": facts["softhsm2_conf"],
-        "KEYWARD_PKCS11_MODULE": facts["keyward_pkcs11_module"],
-        "KEYWARD_TOKEN_LABEL": facts["keyward_token_label"],
-        "KEYWARD_PIN_FILE": facts["keyward_pin_file"],
+        **token_env(facts),
         "KEYWARD_KMS_SOCKET": facts["kms_socket"],
     }
     print(f'export PATH={q(facts["bin_dir"])}:{q(facts["venv_bin"])}:"$PATH"')

@@ -11,10 +11,12 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
+from keyward.hsm import store
+
 MAX_KEY_ID = 1024
 MAX_CIPHERTEXT = 1024
 MAX_ANNOTATIONS = 32 * 1024
-MAX_PLAINTEXT = 512
+MAX_PLAINTEXT = store.MAX_PLAINTEXT  # ours, not the apiserver's: the store refuses larger plaintexts
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 

@@ -13,8 +13,7 @@ from typing import Any
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-ROTATE_ANNOTATION = "keyward.io/rotate-requested-at"
-REQUESTED_BY_ANNOTATION = "keyward.io/rotate-requested-by"
+from keyward_operator import decisions
 
 
 def rotate(name: str) -> int:
@@ -30,7 +29,8 @@ def rotate(name: str) -> int:
     except ApiException:
         pass
     now = datetime.datetime.now(tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    patch = {"metadata": {"annotations": {ROTATE_ANNOTATION: now, REQUESTED_BY_ANNOTATION: who}}}
+    annotations = {decisions.ROTATE_ANNOTATION: now, decisions.REQUESTED_BY_ANNOTATION: who}
+    patch = {"metadata": {"annotations": annotations}}
     try:
         client.CustomObjectsApi().patch_cluster_custom_object(
             "keyward.io", "v1alpha1", "encryptionkeys", name, patch

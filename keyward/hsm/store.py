@@ -77,7 +77,7 @@ class KeyStore:
         return current
 
     def manifest(self, name: str, *, timeout: float | None = None) -> Manifest:
-        found = self.hsm.run(lambda s: _read_manifests(s, name)[0].get(name), timeout=timeout)
+        found = self._read(name, timeout=timeout)
         if found is None:
             raise errors.KeyNotFoundError(
                 f"key {name!r} does not exist in token {self.hsm.config.token_label!r}; "
@@ -111,7 +111,7 @@ class KeyStore:
             self._audited("key.rotate", actor=actor, key=name, request_id=request_id) as note,
             self._writing(),
         ):
-            m = self._require(name)
+            m = self.manifest(name)
             previous = m.primary
             made = None if request_id is None else m.made_by(request_id)
             if made is not None:
@@ -133,7 +133,7 @@ class KeyStore:
     def resume(self, name: str, *, actor: str) -> Manifest:
         """Completes a version left in PendingGeneration by a crash, if any (no-op otherwise)."""
         with self._writing():
-            m = self._require(name)
+            m = self.manifest(name)
             if m.pending is None:
                 return m
             with self._audited("key.resume", actor=actor, key=name) as note:
@@ -152,7 +152,7 @@ class KeyStore:
     ) -> Manifest:
         """Applies a pure state change from ``manifests`` (disable, enable, schedule/cancel destruction)."""
         with self._audited(event, actor=actor, key=name, version=version) as note, self._writing():
-            m = self._require(name)
+            m = self.manifest(name)
             updated = change(m)
             self._write(m, updated)
             note(state=updated.version(version).state.value)
@@ -195,7 +195,7 @@ class KeyStore:
     def destroy(self, name: str, version: int, *, actor: str) -> Manifest:
         """Deletes a version's key material once its scheduled time has come. Irreversible."""
         with self._audited("version.destroy", actor=actor, key=name, version=version), self._writing():
-            m = self._require(name)
+            m = self.manifest(name)
             updated = manifests.mark_destroyed(m, version, self.clock())  # checks state and time first
             object_id = m.version(version).object_id
 
@@ -259,17 +259,8 @@ class KeyStore:
 
     # -- internals ---------------------------------------------------------------------------------------
 
-    def _require(self, name: str) -> Manifest:
-        m = self._read(name)
-        if m is None:
-            raise errors.KeyNotFoundError(
-                f"key {name!r} does not exist in token {self.hsm.config.token_label!r}; "
-                f"create it with `keyward keys create {name}`"
-            )
-        return m
-
-    def _read(self, name: str) -> Manifest | None:
-        return self.hsm.run(lambda s: _read_manifests(s, name)[0].get(name))
+    def _read(self, name: str, *, timeout: float | None = None) -> Manifest | None:
+        return self.hsm.run(lambda s: _read_manifests(s, name)[0].get(name), timeout=timeout)
 
     def _add_version(self, m: Manifest, *, request_id: str | None = None) -> Manifest:
         """Pending -> generated -> Enabled and primary, resuming from wherever a crash left it."""

@@ -10,6 +10,8 @@ import datetime
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from keyward_operator import times
+
 READY = "Ready"
 VERSIONS_RECONCILED = "VersionsReconciled"
 ROTATION_REQUEST = "RotationRequestHandled"
@@ -27,7 +29,7 @@ def merge(
     for ctype, ok, reason, message in updates:
         status = "True" if ok else "False"
         old = by_type.get(ctype)
-        transition = old["lastTransitionTime"] if old and old.get("status") == status else _ts(now)
+        transition = old["lastTransitionTime"] if old and old.get("status") == status else times.rfc3339(now)
         by_type[ctype] = {
             "type": ctype,
             "status": status,
@@ -37,7 +39,3 @@ def merge(
             "observedGeneration": generation,
         }
     return [by_type[t] for t in sorted(by_type)]
-
-
-def _ts(value: datetime.datetime) -> str:
-    return value.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

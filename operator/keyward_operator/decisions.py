@@ -20,7 +20,7 @@ import datetime
 from collections.abc import Mapping
 
 from keyward.hsm.manifests import Manifest, State, Version
-from keyward_operator import policies
+from keyward_operator import policies, times
 
 ROTATE_ANNOTATION = "keyward.io/rotate-requested-at"
 REQUESTED_BY_ANNOTATION = "keyward.io/rotate-requested-by"
@@ -67,8 +67,9 @@ def rotation(
         if now < earliest:
             return Wait(
                 "RotationRateLimited",
-                f"rotation requested at {requested!r} waits until {_iso(earliest)}: the last rotation was at "
-                f"{_iso(last)} and the policy's minimumRotationInterval has not passed",
+                f"rotation requested at {requested!r} waits until {times.rfc3339(earliest)}: the last "
+                f"rotation was at {times.rfc3339(last)} and the policy's minimumRotationInterval has not "
+                "passed",
                 earliest,
             )
         return Rotate(
@@ -77,7 +78,10 @@ def rotation(
     due = last + policy.rotation_period
     if now >= due:
         return Rotate(
-            f"scheduled:{_iso(due)}", "RotationDue", f"rotation period elapsed at {_iso(due)}", None
+            f"scheduled:{times.rfc3339(due)}",
+            "RotationDue",
+            f"rotation period elapsed at {times.rfc3339(due)}",
+            None,
         )
     return None
 
@@ -187,7 +191,3 @@ def _automatic(
             steps.append(Step(v.version, "schedule_destroy", "DestructionScheduled"))
         else:
             wakes.append(at)
-
-
-def _iso(value: datetime.datetime) -> str:
-    return value.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

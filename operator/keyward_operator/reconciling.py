@@ -21,7 +21,7 @@ from typing import Any, Protocol
 from keyward.hsm import errors
 from keyward.hsm.manifests import Manifest
 from keyward.hsm.store import KeyStore, utcnow
-from keyward_operator import conditions, decisions, policies
+from keyward_operator import conditions, decisions, policies, times
 
 _log = logging.getLogger("keyward.operator")
 OPERATOR_ACTOR = "operator:keyward"
@@ -36,7 +36,6 @@ class PolicySource(Protocol):
 class Outcome:
     status: dict[str, Any]
     events: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)  # (type, reason, message)
-    retry_at: datetime.datetime | None = None
     request_condition: tuple[str, bool, str, str] | None = None
 
 
@@ -148,8 +147,6 @@ class Reconciler:
         )
         for v in plan.violations:
             outcome.events.append(("Warning", v.reason, v.message))
-        wake = [t for t in (plan.wake_at, decisions.next_rotation(manifest, policy)) if t is not None]
-        outcome.retry_at = min(wake) if wake else None
         return outcome
 
     def _ensure_key(self, name: str, status: Mapping[str, Any], outcome: Outcome) -> Manifest:
@@ -174,7 +171,7 @@ class Reconciler:
                 manifest = self.store.manifest(name)
         if manifest.pending is not None:
             pending = manifest.pending
-            manifest = self.store.rotate(name, actor=OPERATOR_ACTOR, request_id=pending.request_id)
+            manifest = self.store.resume(name, actor=OPERATOR_ACTOR)
             outcome.events.append(
                 (
                     "Normal",
@@ -210,7 +207,6 @@ class Reconciler:
                 decision.reason,
                 decision.message,
             )
-            outcome.retry_at = decision.until
             return manifest
         if decision is None:
             return manifest
@@ -264,7 +260,6 @@ class Reconciler:
                     f"version {step.version} will be destroyed at {at.isoformat()}; set its state to "
                     "Disabled in spec.versions to cancel"
                 )
-                outcome.retry_at = at
             elif step.action == "cancel_destroy":
                 manifest = self.store.cancel_destroy(name, step.version, actor=OPERATOR_ACTOR)
                 message = f"destruction of version {step.version} cancelled; it is Disabled"
@@ -282,7 +277,7 @@ def _desired(spec: Mapping[str, Any]) -> dict[int, str]:
 
 
 def _ts(value: datetime.datetime | None) -> str | None:
-    return None if value is None else value.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return None if value is None else times.rfc3339(value)
 
 
 def _describe(m: Manifest, policy: policies.Policy) -> dict[str, Any]:
