@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -101,6 +101,9 @@ def wait_for(condition: Callable[[], Any], *, timeout: float, what: str, interva
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
+C = TypeVar("C", bound="Cluster")
+
+
 class Cluster:
     """A real control plane: SoftHSM2 token -> plugin -> etcd -> kube-apiserver encrypting secrets."""
 
@@ -162,16 +165,21 @@ class Cluster:
         return status.key_id
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[Cluster]:
-    base = pathlib.Path(tempfile.mkdtemp(prefix="kwc-", dir="/tmp"))
-    c = Cluster(base)
+def running(kind: type[C], prefix: str) -> Iterator[C]:
+    """Starts a control plane of ``kind`` in a fresh short folder, yields it, stops and removes it."""
+    base = pathlib.Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    c = kind(base)
     c.start()
     try:
         yield c
     finally:
         c.stop()
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    yield from running(Cluster, "kwc-")
 
 
 CRDS = pathlib.Path(__file__).resolve().parents[1] / "deploy" / "crds"
@@ -229,11 +237,4 @@ class OperatorCluster(Cluster):
 
 @pytest.fixture(scope="module")
 def operator_cluster() -> Iterator[OperatorCluster]:
-    base = pathlib.Path(tempfile.mkdtemp(prefix="kwo-", dir="/tmp"))
-    c = OperatorCluster(base)
-    c.start()
-    try:
-        yield c
-    finally:
-        c.stop()
-        shutil.rmtree(base, ignore_errors=True)
+    yield from running(OperatorCluster, "kwo-")

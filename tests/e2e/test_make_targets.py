@@ -48,20 +48,23 @@ def test_up_env_demo_down_give_a_user_a_working_encrypted_cluster_and_clean_up()
             "KEYWARD_KMS_SOCKET",
         ):
             assert exports.get(name), f"{name} missing from `make -s env`"
-        # The exports are enough for the keyward CLI to reach the token the plugin serves.
         # The exports alone (PATH included) let the keyward CLI reach the token the plugin serves.
-        env_cmd = f"{shlex.quote(sys.executable)} hack/localcluster.py env --state {state}"
         clean_env = {k: v for k, v in os.environ.items() if not k.startswith(("KEYWARD_", "SOFTHSM2"))}
         clean_env["PATH"] = "/usr/local/bin:/usr/bin:/bin"
-        listed = subprocess.run(
-            ["bash", "-c", f'eval "$({env_cmd})" && keyward keys list'],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env=clean_env,
-            check=False,
-        )
+        env_cmd = f"{shlex.quote(sys.executable)} hack/localcluster.py env --state {state}"
+
+        def with_exports(command: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                ["bash", "-c", f'eval "$({env_cmd})" && {command}'],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                env=clean_env,
+                check=False,
+            )
+
+        listed = with_exports("keyward keys list")
         assert listed.returncode == 0 and "secrets" in listed.stdout, listed.stderr
 
         demo = run("hack/demo.py", "--state", str(state))
@@ -75,15 +78,7 @@ def test_up_env_demo_down_give_a_user_a_working_encrypted_cluster_and_clean_up()
         )  # NAME PRIMARY READY ... KEY ID
         assert "[FAILED]" not in demo.stdout and "k8s:enc:kms:v2:keyward:" in demo.stdout
 
-        inspect = subprocess.run(
-            ["bash", "-c", f'eval "$({env_cmd})" && python hack/etcd-inspect.py'],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env=clean_env,
-            check=False,
-        )
+        inspect = with_exports("python hack/etcd-inspect.py")
         assert inspect.returncode == 0, inspect.stderr
         demo_row = next(line for line in inspect.stdout.splitlines() if "/default/keyward-demo" in line)
         assert "kms-v2" in demo_row and "keyward" in demo_row and "secrets/v1/" in demo_row

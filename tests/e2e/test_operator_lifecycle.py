@@ -6,13 +6,19 @@ SoftHSM2 token they share. The plugin serves the key `secrets`; other tests use 
 
 from __future__ import annotations
 
+import datetime
 import itertools
+import os
+import subprocess
+import sys
 from typing import Any
 
+import grpc
 import pytest
 
-from conftest import OperatorCluster, wait_for
+from conftest import KEYWARD, OperatorCluster, wait_for
 from keyward import atrest
+from kmsplugin.client import KmsClient
 
 pytestmark = pytest.mark.e2e
 
@@ -108,8 +114,6 @@ def versions_of(c: OperatorCluster, name: str) -> list[dict[str, Any]]:
 
 
 def test_scheduled_rotation_happens_on_time_and_the_minimum_interval_holds(operator_cluster):
-    import datetime
-
     c = operator_cluster
     c.apply(policy("fast", rotationPeriod="8s", minimumRotationInterval="1s"))
     c.apply(policy("capped", rotationPeriod="3s", minimumRotationInterval="3s", decryptOnlyPeriod="1h"))
@@ -187,9 +191,6 @@ for key in session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY}):
 
 
 def token_key_objects(c: OperatorCluster) -> list[tuple[str, str]]:
-    import subprocess
-    import sys
-
     out = subprocess.run(
         [sys.executable, "-c", _LIST_KEY_OBJECTS],
         env=c.plugin.environment(),
@@ -211,8 +212,6 @@ def count_key_objects(c: OperatorCluster, object_ids: list[str]) -> int:
 
 
 def test_disable_enable_schedule_cancel_and_destroy_a_version(operator_cluster):
-    from kmsplugin.client import KmsClient
-
     c = operator_cluster
     c.apply(
         policy("short-window", rotationPeriod="90d", minimumRotationInterval="1s", destructionWindow="6s")
@@ -250,8 +249,6 @@ def test_disable_enable_schedule_cancel_and_destroy_a_version(operator_cluster):
         return next(v["state"] for v in versions_of(c, "secrets") if v["version"] == old_version)
 
     def decrypts() -> bool:
-        import grpc
-
         with KmsClient(c.socket_path) as kms:
             try:
                 return kms.decrypt(sealed.ciphertext, old) == b"x" * 32
@@ -323,21 +320,17 @@ def test_deleting_an_encryption_key_keeps_its_hsm_material(operator_cluster):
 
 
 def test_keyward_rotate_asks_the_operator_and_the_audit_names_the_user(operator_cluster):
-    import os
-    import subprocess
-    import sys
-
     c = operator_cluster
+
+    def keyward_rotate(name: str) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "KUBECONFIG": str(c.apiserver.kubeconfig)}
+        return subprocess.run(
+            [str(KEYWARD), "rotate", name], env=env, capture_output=True, text=True, check=False
+        )
+
     c.apply(encryption_key("audited", "default"))
     wait_for(lambda: ready(c, "audited"), timeout=30, what="Ready")
-    keyward = os.path.join(os.path.dirname(sys.executable), "keyward")
-    out = subprocess.run(
-        [keyward, "rotate", "audited"],
-        env={**os.environ, "KUBECONFIG": str(c.apiserver.kubeconfig)},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    out = keyward_rotate("audited")
     assert out.returncode == 0, out.stderr
     wait_for(lambda: c.key("audited")["status"].get("primaryVersion") == 2, timeout=30, what="the rotation")
     rotations = [
@@ -346,13 +339,7 @@ def test_keyward_rotate_asks_the_operator_and_the_audit_names_the_user(operator_
         if '"event": "key.rotate"' in line and '"key": "audited"' in line
     ]
     assert rotations and '"actor": "kubernetes:keyward-admin"' in rotations[-1], rotations
-    missing = subprocess.run(
-        [keyward, "rotate", "nope"],
-        env={**os.environ, "KUBECONFIG": str(c.apiserver.kubeconfig)},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    missing = keyward_rotate("nope")
     assert missing.returncode == 1 and "EncryptionKey 'nope' does not exist" in missing.stderr
 
 
