@@ -566,6 +566,15 @@ class ManagedProcess:
         if not self.detach:
             _LIVE.add(self)
 
+    def spawn_and_wait(self, timeout: float) -> None:
+        """spawn(), then wait_ready(); a process that does not get ready is stopped again."""
+        self.spawn()
+        try:
+            self.wait_ready(timeout)
+        except ComponentError:
+            self.stop()
+            raise
+
     @property
     def pid(self) -> int | None:
         """The pid of the running process, or None."""
@@ -1096,12 +1105,7 @@ class Plugin(ManagedProcess):
     def start(self, timeout: float = 30.0) -> None:
         """Start and wait until the socket accepts connections (a stale socket file does not count)."""
         self.socket_path.parent.mkdir(parents=True, exist_ok=True)
-        self.spawn()
-        try:
-            self.wait_ready(timeout)
-        except ComponentError:
-            self.stop()
-            raise
+        self.spawn_and_wait(timeout)
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         self._poll_until(lambda: socket_accepts(self.socket_path), timeout, "listening")
@@ -1143,12 +1147,7 @@ class Operator(ManagedProcess):
 
     def start(self, timeout: float = 60.0) -> None:
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        self.spawn()
-        try:
-            self.wait_ready(timeout)
-        except ComponentError:
-            self.stop()
-            raise
+        self.spawn_and_wait(timeout)
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         def started() -> bool:
