@@ -29,7 +29,8 @@ def rotate(name: str) -> int:
     except ApiException:
         pass
     now = datetime.datetime.now(tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    annotations = {decisions.ROTATE_ANNOTATION: now, decisions.REQUESTED_BY_ANNOTATION: who}
+    # "<user> for <request>": the operator credits the user only with this very request.
+    annotations = {decisions.ROTATE_ANNOTATION: now, decisions.REQUESTED_BY_ANNOTATION: f"{who} for {now}"}
     patch = {"metadata": {"annotations": annotations}}
     try:
         client.CustomObjectsApi().patch_cluster_custom_object(

@@ -17,6 +17,14 @@ VERSIONS_RECONCILED = "VersionsReconciled"
 ROTATION_REQUEST = "RotationRequestHandled"
 
 
+def unchanged(existing: Iterable[Mapping[str, Any]], ctype: str, reason: str, message: str) -> bool:
+    """True when the condition of this type already carries this reason and message."""
+    return any(
+        c.get("type") == ctype and c.get("reason") == reason and c.get("message") == message[:1000]
+        for c in existing
+    )
+
+
 def merge(
     existing: Iterable[Mapping[str, Any]],
     updates: Iterable[tuple[str, bool, str, str]],

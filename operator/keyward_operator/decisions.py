@@ -41,6 +41,19 @@ class Wait:
     until: datetime.datetime
 
 
+def requester(annotations: Mapping[str, str], requested: str | None) -> str | None:
+    """Who asked for the rotation ``requested`` names, if the annotations say so for that very request.
+
+    ``keyward rotate`` writes ``<user> for <requested-at value>``; a later plain ``kubectl annotate`` of
+    requested-at leaves that line behind, and it must not be credited with the new request.
+    """
+    value = annotations.get(REQUESTED_BY_ANNOTATION, "")
+    suffix = f" for {requested}"
+    if requested and value.endswith(suffix) and len(value) > len(suffix):
+        return value[: -len(suffix)]
+    return None
+
+
 def last_rotation(m: Manifest) -> datetime.datetime | None:
     primary = m.primary_version
     return None if primary is None else primary.state_changed_at
@@ -58,10 +71,23 @@ def rotation(
     policy: policies.Policy,
     requested: str | None,
     handled: str | None,
+    desired: Mapping[int, str] | None = None,
 ) -> Rotate | Wait | None:
     last = last_rotation(manifest)
     if last is None:
         return None
+    upcoming = max(v.version for v in manifest.versions) + 1
+    blocked = (desired or {}).get(upcoming)
+    if blocked in ("Disabled", "Destroyed") and (
+        requested != handled or now >= last + policy.rotation_period
+    ):
+        # The new version would be primary, which the spec forbids (and the CRD would refuse to record).
+        return Wait(
+            "NextVersionBlocked",
+            f"spec.versions asks for version {upcoming} to be {blocked}, but a rotation makes it the "
+            "primary; remove that entry to let the key rotate",
+            now,
+        )
     if requested and requested != handled:
         earliest = last + policy.minimum_rotation_interval
         if now < earliest:
@@ -143,12 +169,15 @@ def version_plan(
     return Plan(tuple(steps), tuple(violations), min(wakes) if wakes else None)
 
 
+_VERBS = {"Disabled": "disable", "Destroyed": "destroy"}
+
+
 def _requested(v: Version, want: str, primary: int | None, steps: list[Step]) -> Violation | None:
     """Steps towards the state an admin asked for in spec.versions, or why they are refused."""
     n = v.version
     if want in ("Disabled", "Destroyed") and n == primary:
         return Violation(
-            n, "PrimaryProtected", f"version {n} is the primary: rotate first, then {want.lower()} it"
+            n, "PrimaryProtected", f"version {n} is the primary: rotate first, then {_VERBS[want]} it"
         )
     if v.state is State.DESTROYED:
         if want == "Destroyed":

@@ -16,7 +16,7 @@ from typing import Any
 import kopf
 
 from keyward.hsm import audit
-from keyward_operator import reconciling
+from keyward_operator import events, reconciling
 
 GROUP = "keyward.io"
 VERSION = "v1alpha1"
@@ -25,7 +25,9 @@ FINALIZER = "keyward.io/hsm-key-retained"
 _log = logging.getLogger("keyward.operator")
 
 
-def build_registry(reconciler: reconciling.Reconciler, *, interval: float) -> kopf.OperatorRegistry:
+def build_registry(
+    reconciler: reconciling.Reconciler, poster: events.EventPoster, *, interval: float
+) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
     resource: dict[str, Any] = {"group": GROUP, "version": VERSION, "plural": PLURAL, "registry": registry}
 
@@ -55,7 +57,7 @@ def build_registry(reconciler: reconciling.Reconciler, *, interval: float) -> ko
         )
         patch.status.update(outcome.status)
         for etype, reason, message in outcome.events:
-            kopf.event(body, type=etype, reason=reason, message=message)
+            poster.post(body, etype=etype, reason=reason, message=message)
             fields = {"key": body.metadata.name, "type": etype, "reason": reason, "message": message}
             _log.info("key.event", extra={"fields": fields})
 
@@ -78,7 +80,7 @@ def build_registry(reconciler: reconciling.Reconciler, *, interval: float) -> ko
             f"EncryptionKey {name} deleted: its HSM key material was kept (nothing is destroyed by a "
             "delete); create the EncryptionKey again to adopt it, or destroy versions first"
         )
-        kopf.event(body, type="Normal", reason="KeyRetained", message=message)
+        poster.post(body, etype="Normal", reason="KeyRetained", message=message)
         audit.emit(
             "key.retained",
             outcome="success",

@@ -21,7 +21,7 @@ from kubernetes import client
 from keyward import logs
 from keyward.hsm import config as hsm_config
 from keyward.hsm import errors, store, worker
-from keyward_operator import handlers, kubeapi, leadership, reconciling
+from keyward_operator import events, handlers, kubeapi, leadership, reconciling
 
 _log = logging.getLogger("keyward.operator")
 
@@ -67,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
 
     elector.keep(stop, on_lost)
     reconciler = reconciling.Reconciler(key_store, kubeapi.RotationPolicies(client.CustomObjectsApi()))
-    registry = handlers.build_registry(reconciler, interval=args.interval)
+    poster = events.EventPoster(client.CoreV1Api())
+    registry = handlers.build_registry(reconciler, poster, interval=args.interval)
     _log.info("operator.started", extra={"fields": {"identity": identity, "interval": args.interval}})
     try:
         kopf.run(registry=registry, clusterwide=True, standalone=True, stop_flag=stop)

@@ -80,7 +80,9 @@ class Reconciler:
             outcome.status["conditions"] = conditions.merge(
                 old_conditions, [(conditions.READY, False, reason, message)], generation=generation, now=now
             )
-            outcome.events.append(("Warning", reason, message))
+            # The timer meets the same problem on every tick: warn when it appears or changes, not each time.
+            if not conditions.unchanged(old_conditions, conditions.READY, reason, message):
+                outcome.events.append(("Warning", reason, message))
             return outcome
 
         # Gather: the policy first, so a bad reference changes nothing in the HSM.
@@ -101,18 +103,20 @@ class Reconciler:
             return fail("InvalidRotationPolicy", f"{exc} (nothing was changed in the HSM)")
         outcome.status["rotationPolicy"] = policy.name
 
+        desired = _desired(spec)
         try:
             manifest = self._ensure_key(name, status, outcome)
             manifest = self._rotate_if_due(
                 name,
                 manifest,
                 policy=policy,
+                desired=desired,
                 annotations=annotations,
                 status=status,
                 outcome=outcome,
                 now=now,
             )
-            plan = decisions.version_plan(now=now, manifest=manifest, policy=policy, desired=_desired(spec))
+            plan = decisions.version_plan(now=now, manifest=manifest, policy=policy, desired=desired)
             manifest = self._apply(name, manifest, plan=plan, policy=policy, outcome=outcome, now=now)
         except errors.StoreError as exc:
             reason = (
@@ -123,15 +127,11 @@ class Reconciler:
             return fail(reason, str(exc))
 
         outcome.status.update(_describe(manifest, policy))
-        version_updates = [
-            (
-                conditions.VERSIONS_RECONCILED,
-                not plan.violations,
-                plan.violations[0].reason if plan.violations else "AsRequested",
-                "; ".join(v.message for v in plan.violations)
-                or "every version is in the state spec.versions asks for",
-            ),
-        ]
+        versions_reason = plan.violations[0].reason if plan.violations else "AsRequested"
+        versions_message = (
+            "; ".join(v.message for v in plan.violations)
+            or "every version is in the state spec.versions asks for"
+        )
         primary = manifest.primary_version
         ready = (
             conditions.READY,
@@ -139,14 +139,20 @@ class Reconciler:
             "KeyReady",
             f"version {manifest.primary} is primary ({primary.key_id})" if primary else "no primary",
         )
-        updates = [ready, *version_updates]
+        updates = [
+            ready,
+            (conditions.VERSIONS_RECONCILED, not plan.violations, versions_reason, versions_message),
+        ]
         if outcome.request_condition is not None:
             updates.append(outcome.request_condition)
         outcome.status["conditions"] = conditions.merge(
             old_conditions, updates, generation=generation, now=now
         )
-        for v in plan.violations:
-            outcome.events.append(("Warning", v.reason, v.message))
+        if not conditions.unchanged(
+            old_conditions, conditions.VERSIONS_RECONCILED, versions_reason, versions_message
+        ):
+            for v in plan.violations:
+                outcome.events.append(("Warning", v.reason, v.message))
         return outcome
 
     def _ensure_key(self, name: str, status: Mapping[str, Any], outcome: Outcome) -> Manifest:
@@ -187,6 +193,7 @@ class Reconciler:
         manifest: Manifest,
         *,
         policy: policies.Policy,
+        desired: Mapping[int, str],
         annotations: Mapping[str, str],
         status: Mapping[str, Any],
         outcome: Outcome,
@@ -197,7 +204,7 @@ class Reconciler:
         if handled:
             outcome.status["lastHandledRotateRequest"] = handled
         decision = decisions.rotation(
-            now=now, manifest=manifest, policy=policy, requested=requested, handled=handled
+            now=now, manifest=manifest, policy=policy, requested=requested, handled=handled, desired=desired
         )
         if isinstance(decision, decisions.Wait):
             # A condition, not an Event: the timer sees the same wait on every tick until it ends.
@@ -210,7 +217,7 @@ class Reconciler:
             return manifest
         if decision is None:
             return manifest
-        who = annotations.get(decisions.REQUESTED_BY_ANNOTATION) if decision.handled_request else None
+        who = decisions.requester(annotations, decision.handled_request)
         actor = f"kubernetes:{who}" if who else OPERATOR_ACTOR
         previous = manifest.primary
         manifest = self.store.rotate(name, actor=actor, request_id=decision.request_id)

@@ -11,6 +11,7 @@ import itertools
 import os
 import subprocess
 import sys
+import time
 from typing import Any
 
 import grpc
@@ -57,6 +58,8 @@ def test_the_key_the_plugin_serves_is_adopted_not_duplicated_and_reported_ready(
     assert [v["keyId"] for v in c.hsm_keys()["secrets"]["versions"]] == [before["primaryKeyId"]]
     events = c.kubectl("get", "events", "-A", "--field-selector", "involvedObject.name=secrets").stdout
     assert "KeyAdopted" in events
+    # Referenced as a cluster-scoped object, so `kubectl describe` lists them too.
+    assert "KeyAdopted" in c.kubectl("describe", "encryptionkey", "secrets").stdout
 
 
 def test_applying_a_new_encryption_key_generates_version_1_in_the_hsm(operator_cluster):
@@ -300,6 +303,16 @@ def test_a_missing_rotation_policy_is_reported_and_nothing_is_created_in_the_hsm
     assert cond["status"] == "False" and cond["reason"] == "RotationPolicyNotFound"
     assert "RotationPolicy 'no-such-policy' does not exist" in cond["message"]
     assert "orphan" not in c.hsm_keys()
+    time.sleep(4)  # several timer ticks (1 s) meet the same problem: one Warning, not one per tick
+    warnings = c.kubectl(
+        "get",
+        "events",
+        "--field-selector",
+        "involvedObject.name=orphan,reason=RotationPolicyNotFound",
+        "-o",
+        "name",
+    ).stdout.split()
+    assert len(warnings) == 1, warnings
     c.apply(policy("no-such-policy"))
     wait_for(lambda: ready(c, "orphan"), timeout=30, what="Ready once the policy exists")
     assert "orphan" in c.hsm_keys()
@@ -339,6 +352,19 @@ def test_keyward_rotate_asks_the_operator_and_the_audit_names_the_user(operator_
         if '"event": "key.rotate"' in line and '"key": "audited"' in line
     ]
     assert rotations and '"actor": "kubernetes:keyward-admin"' in rotations[-1], rotations
+    # A later plain `kubectl annotate` is not credited to whoever ran `keyward rotate` before.
+    c.kubectl(
+        "annotate", "encryptionkey", "audited", "keyward.io/rotate-requested-at=by-kubectl", "--overwrite"
+    )
+    wait_for(
+        lambda: c.key("audited")["status"].get("primaryVersion") == 3, timeout=30, what="the second rotation"
+    )
+    rotations = [
+        line
+        for line in c.operator.log_path.read_text().splitlines()
+        if '"event": "key.rotate"' in line and '"key": "audited"' in line
+    ]
+    assert '"actor": "operator:keyward"' in rotations[-1] and "keyward-admin" not in rotations[-1], rotations
     missing = keyward_rotate("nope")
     assert missing.returncode == 1 and "EncryptionKey 'nope' does not exist" in missing.stderr
 
@@ -361,3 +387,31 @@ def test_two_operator_replicas_never_both_act_and_the_follower_takes_over(operat
     assert "leadership.acquired" in follower.log_path.read_text()
     follower.stop()
     c.operator.start()
+
+
+def test_a_spec_entry_for_the_next_version_holds_rotation_and_the_status_keeps_up(operator_cluster):
+    c = operator_cluster
+    c.apply(
+        encryption_key(
+            "pre-disabled", "default", versions="  versions:\n    - {version: 2, state: Disabled}\n"
+        )
+    )
+    wait_for(lambda: ready(c, "pre-disabled"), timeout=30, what="Ready")
+    c.kubectl(
+        "annotate", "encryptionkey", "pre-disabled", "keyward.io/rotate-requested-at=blocked", "--overwrite"
+    )
+    cond = wait_for(
+        lambda: (x := c.condition("pre-disabled", "RotationRequestHandled")) and x,
+        timeout=30,
+        what="the rotation to be held",
+    )
+    assert cond["status"] == "False" and cond["reason"] == "NextVersionBlocked", cond
+    assert "version 2 to be Disabled" in cond["message"]
+    assert [v["version"] for v in versions_of(c, "pre-disabled")] == [1], "the HSM must not rotate"
+    c.kubectl("patch", "encryptionkey", "pre-disabled", "--type", "merge", "-p", '{"spec":{"versions":[]}}')
+    wait_for(
+        lambda: c.key("pre-disabled")["status"].get("primaryVersion") == 2,
+        timeout=30,
+        what="the held rotation once the entry is gone, recorded in status",
+    )
+    assert [v["version"] for v in versions_of(c, "pre-disabled")] == [1, 2]

@@ -8,7 +8,7 @@ import pytest
 
 from keyward.hsm import manifests
 from keyward.hsm.manifests import State
-from keyward_operator import decisions, durations, policies
+from keyward_operator import conditions, decisions, durations, policies
 
 T0 = datetime.datetime(2026, 12, 1, tzinfo=datetime.UTC)
 
@@ -147,3 +147,47 @@ def test_should_schedule_destruction_of_long_disabled_versions_only_when_the_pol
 
 def test_should_report_versions_that_do_not_exist():
     assert plan(key(1), {7: "Disabled"}).violations[0].reason == "UnknownVersion"
+
+
+def test_should_not_rotate_into_a_version_the_spec_asks_to_disable_or_destroy():
+    p = policy(rotationPeriod="1d", minimumRotationInterval="1s")
+    for state in ("Disabled", "Destroyed"):
+        for requested, now in (
+            ("r1", T0 + datetime.timedelta(hours=1)),
+            (None, T0 + datetime.timedelta(days=2)),
+        ):
+            wait = decisions.rotation(
+                now=now, manifest=key(), policy=p, requested=requested, handled=None, desired={2: state}
+            )
+            assert isinstance(wait, decisions.Wait) and wait.reason == "NextVersionBlocked", (
+                state,
+                requested,
+            )
+            assert f"version 2 to be {state}" in wait.message
+    # An entry for an existing version does not block.
+    go = decisions.rotation(
+        now=T0 + datetime.timedelta(hours=1),
+        manifest=key(2),
+        policy=p,
+        requested="r1",
+        handled=None,
+        desired={1: "Disabled"},
+    )
+    assert isinstance(go, decisions.Rotate)
+
+
+def test_the_requester_is_credited_only_with_the_request_it_was_written_for():
+    annotations = {decisions.REQUESTED_BY_ANNOTATION: "alice for 2026-12-03T10:00:00Z"}
+    assert decisions.requester(annotations, "2026-12-03T10:00:00Z") == "alice"
+    assert decisions.requester(annotations, "manual-2") is None  # a later kubectl annotate
+    assert decisions.requester({decisions.REQUESTED_BY_ANNOTATION: "bob"}, "bob") is None
+    assert decisions.requester({}, "x") is None
+
+
+def test_a_condition_with_the_same_reason_and_message_is_unchanged():
+    merged = conditions.merge(
+        [], [("Ready", False, "RotationPolicyNotFound", "missing")], generation=1, now=T0
+    )
+    assert conditions.unchanged(merged, "Ready", "RotationPolicyNotFound", "missing")
+    assert not conditions.unchanged(merged, "Ready", "RotationPolicyNotFound", "other")
+    assert not conditions.unchanged(merged, "VersionsReconciled", "RotationPolicyNotFound", "missing")
