@@ -42,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     rotate = sub.add_parser("rotate", help="ask the operator to rotate an EncryptionKey now")
     rotate.add_argument("name")
+    reencrypt = sub.add_parser(
+        "reencrypt",
+        help="ask the operator to rewrite every object under an EncryptionKey's primary version now",
+    )
+    reencrypt.add_argument("name")
     return parser
 
 
@@ -52,10 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure("warning")
     logging.getLogger("keyward.audit").setLevel(logging.INFO)
     try:
-        if args.command == "rotate":
+        if args.command in ("rotate", "reencrypt"):
             from keyward.cli import requests
 
-            return requests.rotate(args.name)
+            return requests.rotate(args.name) if args.command == "rotate" else requests.reencrypt(args.name)
         from keyward.cli import keys
 
         return keys.run(args)

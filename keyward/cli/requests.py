@@ -1,6 +1,6 @@
-"""``keyward rotate NAME``: asks the operator for a rotation through the EncryptionKey's annotation.
+"""``keyward rotate NAME`` and ``keyward reencrypt NAME``: requests to the operator, as annotations.
 
-It sets ``keyward.io/rotate-requested-at`` to the current time and ``keyward.io/rotate-requested-by`` to
+Each sets ``keyward.io/<what>-requested-at`` to the current time and ``keyward.io/<what>-requested-by`` to
 the Kubernetes user the API says we are (SelfSubjectReview), so the operator's audit log names who asked.
 """
 
@@ -13,10 +13,20 @@ from typing import Any
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from keyward_operator import decisions
+from keyward_operator import decisions, reencryption
 
 
 def rotate(name: str) -> int:
+    return _request(name, decisions.ROTATE_ANNOTATION, decisions.REQUESTED_BY_ANNOTATION, "rotation")
+
+
+def reencrypt(name: str) -> int:
+    return _request(
+        name, reencryption.REENCRYPT_ANNOTATION, reencryption.REENCRYPT_BY_ANNOTATION, "re-encryption"
+    )
+
+
+def _request(name: str, at_annotation: str, by_annotation: str, what: str) -> int:
     try:
         config.load_kube_config()
     except config.ConfigException as exc:
@@ -30,7 +40,7 @@ def rotate(name: str) -> int:
         pass
     now = datetime.datetime.now(tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     # "<user> for <request>": the operator credits the user only with this very request.
-    annotations = {decisions.ROTATE_ANNOTATION: now, decisions.REQUESTED_BY_ANNOTATION: f"{who} for {now}"}
+    annotations = {at_annotation: now, by_annotation: f"{who} for {now}"}
     patch = {"metadata": {"annotations": annotations}}
     try:
         client.CustomObjectsApi().patch_cluster_custom_object(
@@ -40,9 +50,9 @@ def rotate(name: str) -> int:
         if exc.status == 404:
             sys.stderr.write(f"keyward: EncryptionKey {name!r} does not exist (kubectl get encryptionkeys)\n")
         else:
-            sys.stderr.write(f"keyward: the API refused the rotation request: {exc.status} {exc.reason}\n")
+            sys.stderr.write(f"keyward: the API refused the {what} request: {exc.status} {exc.reason}\n")
         return 1
     sys.stdout.write(
-        f"rotation of {name} requested at {now}; watch it with: kubectl get encryptionkey {name}\n"
+        f"{what} of {name} requested at {now}; watch it with: kubectl get encryptionkey {name}\n"
     )
     return 0

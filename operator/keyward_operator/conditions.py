@@ -15,6 +15,8 @@ from keyward_operator import times
 READY = "Ready"
 VERSIONS_RECONCILED = "VersionsReconciled"
 ROTATION_REQUEST = "RotationRequestHandled"
+REENCRYPTED = "Reencrypted"
+VERSIONS_RETIRED = "VersionsRetired"
 
 
 def unchanged(existing: Iterable[Mapping[str, Any]], ctype: str, reason: str, message: str) -> bool:
@@ -27,15 +29,18 @@ def unchanged(existing: Iterable[Mapping[str, Any]], ctype: str, reason: str, me
 
 def merge(
     existing: Iterable[Mapping[str, Any]],
-    updates: Iterable[tuple[str, bool, str, str]],
+    updates: Iterable[tuple[str, bool | None, str, str]],
     *,
     generation: int,
     now: datetime.datetime,
 ) -> list[dict[str, Any]]:
-    """Applies (type, ok, reason, message) updates to the existing list and returns the new list."""
+    """Applies (type, ok, reason, message) updates to the existing list and returns the new list.
+
+    ``ok`` None is status Unknown.
+    """
     by_type = {c["type"]: dict(c) for c in existing if "type" in c}
     for ctype, ok, reason, message in updates:
-        status = "True" if ok else "False"
+        status = "Unknown" if ok is None else "True" if ok else "False"
         old = by_type.get(ctype)
         transition = old["lastTransitionTime"] if old and old.get("status") == status else times.rfc3339(now)
         by_type[ctype] = {

@@ -9,14 +9,17 @@ so it never destroys key material.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import datetime
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import kopf
 
 from keyward.hsm import audit
-from keyward_operator import events, reconciling
+from keyward_operator import events, reconciling, reencrypting
 
 GROUP = "keyward.io"
 VERSION = "v1alpha1"
@@ -26,7 +29,11 @@ _log = logging.getLogger("keyward.operator")
 
 
 def build_registry(
-    reconciler: reconciling.Reconciler, poster: events.EventPoster, *, interval: float
+    reconciler: reconciling.Reconciler,
+    poster: events.EventPoster,
+    *,
+    interval: float,
+    reencryptor: Callable[[str, reencrypting.Notify], reencrypting.Reencryptor] | None = None,
 ) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
     resource: dict[str, Any] = {"group": GROUP, "version": VERSION, "plural": PLURAL, "registry": registry}
@@ -75,6 +82,31 @@ def build_registry(
         if body.metadata.get("deletionTimestamp"):
             return
         run(body, patch)
+
+    # Re-encryptions run in threads of their own: a long run must not take a thread from Kopf's handlers.
+    pool = concurrent.futures.ThreadPoolExecutor(16, thread_name_prefix="reencrypt")
+
+    @kopf.daemon(**resource, id="reencrypt", cancellation_timeout=60.0)
+    async def reencrypt(stopped: kopf.DaemonStopped, body: kopf.Body, **_: Any) -> None:
+        if reencryptor is None:
+            return
+        name = body.metadata.name or ""
+
+        def notify(etype: str, reason: str, message: str) -> None:
+            poster.post(body, etype=etype, reason=reason, message=message)
+            _log.info(
+                "key.event",
+                extra={"fields": {"key": name, "type": etype, "reason": reason, "message": message}},
+            )
+
+        worker = reencryptor(name, notify)
+        loop = asyncio.get_running_loop()
+        while not stopped:
+            delay = await loop.run_in_executor(
+                pool, worker.step, lambda: reencrypting.KeyView.of(body), lambda: bool(stopped)
+            )
+            if delay > 0:
+                await stopped.wait(delay)
 
     @kopf.on.delete(**resource, id="retain-on-delete")
     def on_delete(body: kopf.Body, **_: Any) -> None:

@@ -8,6 +8,7 @@ a follower.
 from __future__ import annotations
 
 import argparse
+import datetime
 import logging
 import os
 import socket
@@ -21,7 +22,18 @@ from kubernetes import client
 from keyward import logs
 from keyward.hsm import config as hsm_config
 from keyward.hsm import errors, store, worker
-from keyward_operator import events, handlers, kubeapi, leadership, reconciling
+from keyward_operator import (
+    adoption,
+    events,
+    handlers,
+    kubeapi,
+    kubehttp,
+    leadership,
+    objects,
+    policies,
+    reconciling,
+    reencrypting,
+)
 
 _log = logging.getLogger("keyward.operator")
 
@@ -38,6 +50,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=float(os.environ.get("KEYWARD_RECONCILE_INTERVAL", "30")),
         help="seconds between periodic reconciliations (scheduled rotation and destruction)",
+    )
+    parser.add_argument(
+        "--reencrypt-retry-after",
+        type=float,
+        default=float(os.environ.get("KEYWARD_REENCRYPT_RETRY_AFTER", "600")),
+        help="seconds after a failed re-encryption before it is tried again (default 600)",
     )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
@@ -66,9 +84,35 @@ def run(args: argparse.Namespace) -> int:
         stop.set()
 
     elector.keep(stop, on_lost)
-    reconciler = reconciling.Reconciler(key_store, kubeapi.RotationPolicies(client.CustomObjectsApi()))
+    policy_source = kubeapi.RotationPolicies(client.CustomObjectsApi())
+    reconciler = reconciling.Reconciler(key_store, policy_source)
     poster = events.EventPoster(client.CoreV1Api())
-    registry = handlers.build_registry(reconciler, poster, interval=args.interval)
+    http = kubehttp.KubeHttp()
+    objects_api = objects.Objects(http)
+    probe = adoption.AdoptionProbe(http, clock=store.utcnow)
+    writer = reencrypting.StatusWriter(http)
+
+    def load_policy(ref: str | None) -> policies.Policy:
+        if not ref:
+            return policies.built_in()
+        raw = policy_source.get(ref)
+        if raw is None:
+            raise policies.PolicyError(f"RotationPolicy {ref!r} does not exist")
+        return policies.from_spec(ref, raw)
+
+    def reencryptor(name: str, notify: reencrypting.Notify) -> reencrypting.Reencryptor:
+        return reencrypting.Reencryptor(
+            name,
+            objects_api=objects_api,
+            probe=probe,
+            writer=writer,
+            notify=notify,
+            load_policy=load_policy,
+            clock=store.utcnow,
+            retry_after=datetime.timedelta(seconds=args.reencrypt_retry_after),
+        )
+
+    registry = handlers.build_registry(reconciler, poster, interval=args.interval, reencryptor=reencryptor)
     _log.info("operator.started", extra={"fields": {"identity": identity, "interval": args.interval}})
     try:
         kopf.run(registry=registry, clusterwide=True, standalone=True, stop_flag=stop)

@@ -12,7 +12,10 @@ import datetime
 from collections.abc import Mapping
 from typing import Any
 
-from keyward_operator import durations
+from keyward_operator import durations, resourcenames
+
+DEFAULT_RATE = 200.0  # objects per second a re-encryption rewrites, unless the policy says otherwise
+MAX_RATE = 10000.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,6 +26,8 @@ class Policy:
     decrypt_only_period: datetime.timedelta
     destroy_after_disabled: datetime.timedelta | None
     destruction_window: datetime.timedelta
+    reencrypt_resources: tuple[str, ...] = ("secrets",)
+    reencrypt_rate: float = DEFAULT_RATE
 
 
 DEFAULT_SPEC: Mapping[str, str] = {
@@ -61,6 +66,7 @@ def from_spec(name: str, spec: Mapping[str, Any]) -> Policy:
         )
     except durations.DurationError as exc:
         raise PolicyError(f"RotationPolicy {name!r}: {exc}") from None
+    policy = dataclasses.replace(policy, **_reencryption(name, spec.get("reencryption") or {}))
     if policy.rotation_period <= datetime.timedelta(0):
         raise PolicyError(f"RotationPolicy {name!r}: spec.rotationPeriod must be longer than 0s")
     if policy.minimum_rotation_interval > policy.rotation_period:
@@ -75,3 +81,24 @@ def from_spec(name: str, spec: Mapping[str, Any]) -> Policy:
 
 def built_in() -> Policy:
     return from_spec(BUILT_IN, {})
+
+
+def _reencryption(name: str, raw: Mapping[str, Any]) -> dict[str, Any]:
+    """spec.reencryption: which resources a re-encryption rewrites, and how fast."""
+    resources = raw.get("resources") or ["secrets"]
+    if not isinstance(resources, list) or not all(isinstance(r, str) for r in resources):
+        raise PolicyError(
+            f"RotationPolicy {name!r}: spec.reencryption.resources must be a list of resource names"
+        )
+    for r in resources:
+        try:
+            resourcenames.split(r)
+        except resourcenames.ResourceError as exc:
+            raise PolicyError(f"RotationPolicy {name!r}: spec.reencryption.resources: {exc}") from None
+    rate = raw.get("objectsPerSecond", DEFAULT_RATE)
+    if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 < rate <= MAX_RATE:
+        raise PolicyError(
+            f"RotationPolicy {name!r}: spec.reencryption.objectsPerSecond must be a number above 0 and "
+            f"at most {MAX_RATE:g}, not {rate!r}"
+        )
+    return {"reencrypt_resources": tuple(dict.fromkeys(resources)), "reencrypt_rate": float(rate)}

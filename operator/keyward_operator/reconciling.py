@@ -21,7 +21,7 @@ from typing import Any, Protocol
 from keyward.hsm import errors
 from keyward.hsm.manifests import Manifest
 from keyward.hsm.store import KeyStore, utcnow
-from keyward_operator import conditions, decisions, policies, times
+from keyward_operator import conditions, decisions, policies, reencryption, retirement, times
 
 _log = logging.getLogger("keyward.operator")
 OPERATOR_ACTOR = "operator:keyward"
@@ -118,6 +118,17 @@ class Reconciler:
             )
             plan = decisions.version_plan(now=now, manifest=manifest, policy=policy, desired=desired)
             manifest = self._apply(name, manifest, plan=plan, policy=policy, outcome=outcome, now=now)
+            raw = status.get("reencryption") or {}
+            run = reencryption.Run.from_status(raw)
+            retire = retirement.plan(
+                now=now,
+                manifest=manifest,
+                policy=policy,
+                desired=desired,
+                run=run,
+                succeeded=reencryption.Succeeded.from_status(raw.get("lastSucceeded")),
+            )
+            manifest = self._retire(name, manifest, retire, outcome)
         except errors.StoreError as exc:
             reason = (
                 "HsmUnavailable"
@@ -139,12 +150,20 @@ class Reconciler:
             "KeyReady",
             f"version {manifest.primary} is primary ({primary.key_id})" if primary else "no primary",
         )
-        updates = [
+        updates: list[tuple[str, bool | None, str, str]] = [
             ready,
             (conditions.VERSIONS_RECONCILED, not plan.violations, versions_reason, versions_message),
         ]
         if outcome.request_condition is not None:
             updates.append(outcome.request_condition)
+        reencrypted = reencryption.condition(
+            run,
+            primary_version=manifest.primary,
+            primary_key_id=primary.key_id if primary else None,
+            name=name,
+        )
+        updates.append((conditions.REENCRYPTED, *reencrypted))
+        updates.append((conditions.VERSIONS_RETIRED, retire.ok, retire.reason, retire.message))
         outcome.status["conditions"] = conditions.merge(
             old_conditions, updates, generation=generation, now=now
         )
@@ -239,6 +258,21 @@ class Reconciler:
                     f"{decision.message}: version {manifest.primary} is "
                     f"primary ({primary.key_id}); version {previous} still decrypts"
                     + (f"; requested by {who}" if who else ""),
+                )
+            )
+        return manifest
+
+    def _retire(
+        self, name: str, manifest: Manifest, retire: retirement.Retirement, outcome: Outcome
+    ) -> Manifest:
+        for number in retire.disable:
+            manifest = self.store.disable(name, number, actor=OPERATOR_ACTOR)
+            outcome.events.append(
+                (
+                    "Normal",
+                    "VersionRetired",
+                    f"version {number} disabled: a finished re-encryption moved every object off it and the "
+                    "decryptOnlyPeriod has passed",
                 )
             )
         return manifest

@@ -1,0 +1,247 @@
+"""A re-encryption run as the EncryptionKey's status records it, and when to start one (pure).
+
+A run rewrites every object of the configured resources so that each is stored under the key's primary
+version. It lives in ``status.reencryption``: the target version, its phase, per-resource counts and the
+continue token of the next page, written after every page. That record is what makes a restarted operator
+resume where it stopped instead of starting over. ``lastSucceeded`` keeps the newest run that finished with
+no failure, the evidence retirement needs, even while a later run is in progress.
+
+Phases: WaitingForAdoption (not every apiserver encrypts with the target yet: a rewrite now would write
+the old key again), Running, Succeeded, Failed (some objects could not be rewritten; retried later).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+from collections.abc import Mapping
+from typing import Any
+
+from keyward_operator import times
+
+REENCRYPT_ANNOTATION = "keyward.io/reencrypt-requested-at"
+REENCRYPT_BY_ANNOTATION = "keyward.io/reencrypt-requested-by"
+MAX_FAILED_OBJECTS = 10
+
+WAITING = "WaitingForAdoption"
+RUNNING = "Running"
+SUCCEEDED = "Succeeded"
+FAILED = "Failed"
+ACTIVE = (WAITING, RUNNING)
+
+COUNTS = ("seen", "rewritten", "unchanged", "conflicts", "deleted", "failures")
+
+
+@dataclasses.dataclass
+class ResourceProgress:
+    resource: str
+    seen: int = 0
+    rewritten: int = 0  # stored again, now under the target version
+    unchanged: int = 0  # already under the target version: the apiserver had nothing to write
+    conflicts: int = 0  # changed by someone since listed: that write used the target version
+    deleted: int = 0  # gone since listed
+    failures: int = 0
+    continue_token: str | None = None
+    relists: int = 0  # times an expired continue token made the list start again
+    done: bool = False
+
+    def to_status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"resource": self.resource, **{c: getattr(self, c) for c in COUNTS}}
+        out.update(relists=self.relists, done=self.done, continue_=self.continue_token)
+        out["continue"] = out.pop("continue_")
+        return out
+
+    @classmethod
+    def from_status(cls, raw: Mapping[str, Any]) -> ResourceProgress:
+        return cls(
+            resource=str(raw["resource"]),
+            **{c: int(raw.get(c) or 0) for c in COUNTS},
+            continue_token=raw.get("continue") or None,
+            relists=int(raw.get("relists") or 0),
+            done=bool(raw.get("done")),
+        )
+
+
+@dataclasses.dataclass
+class Run:
+    target_version: int
+    target_key_id: str
+    trigger: str  # Rotation | Requested | Retry
+    phase: str
+    requested_at: datetime.datetime
+    request: str | None = None
+    started_at: datetime.datetime | None = None
+    finished_at: datetime.datetime | None = None
+    resources: list[ResourceProgress] = dataclasses.field(default_factory=list)
+    failed_objects: list[str] = dataclasses.field(default_factory=list)
+    message: str = ""
+
+    def total(self, count: str) -> int:
+        return sum(getattr(r, count) for r in self.resources)
+
+    def note_failure(self, text: str) -> None:
+        if len(self.failed_objects) < MAX_FAILED_OBJECTS:
+            self.failed_objects.append(text[:300])
+
+    def to_status(self) -> dict[str, Any]:
+        return {
+            "targetVersion": self.target_version,
+            "targetKeyID": self.target_key_id,
+            "trigger": self.trigger,
+            "request": self.request,
+            "phase": self.phase,
+            "requestedAt": times.rfc3339(self.requested_at),
+            "startedAt": _ts(self.started_at),
+            "finishedAt": _ts(self.finished_at),
+            "message": self.message,
+            "resources": [r.to_status() for r in self.resources],
+            "failedObjects": list(self.failed_objects),
+            **{c: self.total(c) for c in COUNTS},
+        }
+
+    @classmethod
+    def from_status(cls, raw: Mapping[str, Any] | None) -> Run | None:
+        if not raw or not raw.get("targetKeyID") or not raw.get("phase"):
+            return None
+        return cls(
+            target_version=int(raw["targetVersion"]),
+            target_key_id=str(raw["targetKeyID"]),
+            trigger=str(raw.get("trigger") or "Rotation"),
+            phase=str(raw["phase"]),
+            requested_at=_parse(raw.get("requestedAt")) or datetime.datetime.fromtimestamp(0, datetime.UTC),
+            request=raw.get("request") or None,
+            started_at=_parse(raw.get("startedAt")),
+            finished_at=_parse(raw.get("finishedAt")),
+            resources=[ResourceProgress.from_status(r) for r in raw.get("resources") or []],
+            failed_objects=[str(f) for f in raw.get("failedObjects") or []],
+            message=str(raw.get("message") or ""),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Succeeded:
+    """The newest run that finished with no failure: every object is under ``target_version`` or later."""
+
+    target_version: int
+    started_at: datetime.datetime
+    finished_at: datetime.datetime
+
+    def to_status(self) -> dict[str, Any]:
+        return {
+            "targetVersion": self.target_version,
+            "startedAt": times.rfc3339(self.started_at),
+            "finishedAt": times.rfc3339(self.finished_at),
+        }
+
+    @classmethod
+    def from_status(cls, raw: Mapping[str, Any] | None) -> Succeeded | None:
+        if not raw:
+            return None
+        started, finished = _parse(raw.get("startedAt")), _parse(raw.get("finishedAt"))
+        if started is None or finished is None or raw.get("targetVersion") is None:
+            return None
+        return cls(int(raw["targetVersion"]), started, finished)
+
+
+@dataclasses.dataclass(frozen=True)
+class Start:
+    trigger: str
+    request: str | None
+    message: str
+
+
+def next_start(
+    *,
+    now: datetime.datetime,
+    primary_version: int | None,
+    primary_key_id: str | None,
+    run: Run | None,
+    requested: str | None,
+    handled: str | None,
+    retry_after: datetime.timedelta,
+) -> Start | None:
+    """Whether a new run must begin now. An active run for the current primary simply continues."""
+    if primary_version is None or not primary_key_id:
+        return None
+    if requested and requested != handled:
+        return Start("Requested", requested, f"re-encryption requested at {requested!r}")
+    if run is None or run.target_key_id != primary_key_id:
+        # A key adopted at version 1 has nothing older to move away from; any later version has.
+        if run is None and primary_version == 1:
+            return None
+        return Start("Rotation", None, f"version {primary_version} became primary")
+    if run.phase == FAILED and run.finished_at is not None and now >= run.finished_at + retry_after:
+        when = times.rfc3339(run.finished_at)
+        return Start("Retry", run.request, f"retrying the re-encryption that failed at {when}")
+    return None
+
+
+def new_run(start: Start, *, target_version: int, target_key_id: str, now: datetime.datetime) -> Run:
+    return Run(
+        target_version=target_version,
+        target_key_id=target_key_id,
+        trigger=start.trigger,
+        phase=WAITING,
+        requested_at=now,
+        request=start.request,
+        message=f"{start.message}; waiting until every apiserver encrypts with {target_key_id}",
+    )
+
+
+def summary(run: Run) -> str:
+    parts = [f"{run.total('seen')} seen", f"{run.total('rewritten')} rewritten"]
+    parts += [
+        f"{run.total(c)} {c}" for c in ("unchanged", "conflicts", "deleted", "failures") if run.total(c)
+    ]
+    resources = ", ".join(r.resource for r in run.resources)
+    return f"{resources}: " + ", ".join(parts)
+
+
+def condition(
+    run: Run | None, *, primary_version: int | None, primary_key_id: str | None, name: str
+) -> tuple[bool | None, str, str]:
+    """The Reencrypted condition for the current primary: (status, reason, message)."""
+    if primary_version is None:
+        return None, "NoPrimary", "the key has no primary version yet"
+    if run is None and primary_version == 1:
+        return (
+            None,
+            "NotRequested",
+            "version 1 is the only version; objects written before encryption was turned on stay as "
+            f"they are until `keyward reencrypt {name}` is run",
+        )
+    if run is None or run.target_key_id != primary_key_id:
+        return False, "Pending", f"a re-encryption to version {primary_version} has not started yet"
+    by_phase: dict[str, tuple[bool | None, str, str]] = {
+        WAITING: (False, WAITING, run.message),
+        RUNNING: (
+            False,
+            "InProgress",
+            f"rewriting under version {run.target_version} since {_ts(run.started_at)}: {summary(run)}",
+        ),
+        FAILED: (
+            False,
+            "ReencryptionFailed",
+            run.message + (f" (first: {run.failed_objects[0]})" if run.failed_objects else ""),
+        ),
+    }
+    return by_phase.get(
+        run.phase,
+        (
+            True,
+            "Reencrypted",
+            f"every object is under version {run.target_version} or was written since; finished at "
+            f"{_ts(run.finished_at)}: {summary(run)}",
+        ),
+    )
+
+
+def _ts(value: datetime.datetime | None) -> str | None:
+    return None if value is None else times.rfc3339(value)
+
+
+def _parse(value: Any) -> datetime.datetime | None:
+    if not value:
+        return None
+    parsed = datetime.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=datetime.UTC)
