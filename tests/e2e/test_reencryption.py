@@ -1,0 +1,399 @@
+"""Re-encryption after a rotation, proven on what etcd stores; retirement only after it; requested runs.
+
+Real parts only: kube-apiserver and etcd, the plugin and the operator processes, one SoftHSM2 token. The
+tests share one control plane and the `secrets` key, and run in file order: each rotates it once more.
+What etcd holds is read here with the envelope protobuf directly, not with the code the audit uses.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import os
+import random
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from conftest import KEYWARD, OperatorCluster, running, wait_for
+from keyward.wire import envelope_pb2
+
+pytestmark = pytest.mark.e2e
+
+PREFIX = b"k8s:enc:kms:v2:keyward:"
+STATUS_METRIC = "apiserver_envelope_encryption_key_id_hash_status_last_timestamp_seconds"
+
+
+@pytest.fixture(scope="module")
+def c() -> Iterator[OperatorCluster]:
+    for cluster in running(OperatorCluster, "kwr-"):
+        # Pages of 100 so that a run of a few hundred objects persists progress several times.
+        cluster.operator.stop()
+        cluster.operator = cluster.new_operator("operator-r", KEYWARD_REENCRYPT_PAGE_SIZE="100")
+        cluster.operator.start()
+        yield cluster
+
+
+def policy(name: str, rate: int, **fields: str) -> str:
+    lines = "".join(f"  {k}: {v!r}\n" for k, v in {"minimumRotationInterval": "1s", **fields}.items())
+    return (
+        f"apiVersion: keyward.io/v1alpha1\nkind: RotationPolicy\nmetadata:\n  name: {name}\nspec:\n{lines}"
+        f"  reencryption:\n    objectsPerSecond: {rate}\n"
+    )
+
+
+def use_policy(c: OperatorCluster, name: str) -> None:
+    c.apply(
+        "apiVersion: keyward.io/v1alpha1\nkind: EncryptionKey\nmetadata:\n  name: secrets\n"
+        f"spec:\n  rotationPolicyRef:\n    name: {name}\n"
+    )
+    wait_for(lambda: c.key("secrets").get("status", {}).get("rotationPolicy") == name, timeout=30, what=name)
+
+
+def status(c: OperatorCluster) -> dict[str, Any]:
+    return dict(c.key("secrets").get("status") or {})
+
+
+def run(c: OperatorCluster) -> dict[str, Any]:
+    return dict(status(c).get("reencryption") or {})
+
+
+def versions(c: OperatorCluster) -> dict[int, str]:
+    return {v["version"]: v["state"] for v in status(c).get("versions", [])}
+
+
+def stored_key_ids(c: OperatorCluster) -> dict[str, str]:
+    """etcd key -> the keyID its envelope names, or 'plaintext'."""
+    out = {}
+    for key, value in c.etcd.items("/registry/secrets/").items():
+        if value.startswith(PREFIX):
+            obj = envelope_pb2.EncryptedObject()
+            obj.ParseFromString(value[len(PREFIX) :])
+            out[key] = obj.keyID
+        else:
+            assert not value.startswith(b"k8s:enc:"), f"{key}: unexpected encryption {value[:30]!r}"
+            out[key] = "plaintext"
+    return out
+
+
+def secret_values(c: OperatorCluster) -> dict[str, str]:
+    items = json.loads(c.kubectl("get", "secrets", "-A", "-o", "json").stdout)["items"]
+    return {
+        f"{s['metadata']['namespace']}/{s['metadata']['name']}": base64.b64decode(s["data"]["v"]).decode()
+        for s in items
+        if "v" in (s.get("data") or {})
+    }
+
+
+def create_secrets(c: OperatorCluster, prefix: str, count: int, namespaces: int) -> dict[str, str]:
+    names = [f"{prefix}-{i}" for i in range(namespaces)]
+    spaces = [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": n}} for n in names]
+    c.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": spaces}))
+    values = {
+        f"{names[i % namespaces]}/s{i}": f"{prefix}-value-{i}-{random.randrange(10**9)}" for i in range(count)
+    }
+    items = [
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"namespace": key.split("/")[0], "name": key.split("/")[1]},
+            "stringData": {"v": value},
+        }
+        for key, value in values.items()
+    ]
+    c.kubectl("create", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
+    return values
+
+
+def rotate(c: OperatorCluster, request: str) -> str:
+    """Asks for a rotation and returns the new primary's key_id."""
+    before = status(c).get("primaryVersion")
+    c.kubectl(
+        "annotate", "encryptionkey", "secrets", f"keyward.io/rotate-requested-at={request}", "--overwrite"
+    )
+    wait_for(lambda: status(c).get("primaryVersion") == before + 1, timeout=30, what=f"rotation {request}")
+    return str(status(c)["primaryKeyID"])
+
+
+def adopt_now(c: OperatorCluster, key_id: str) -> None:
+    """Restarts the apiserver once the plugin reports ``key_id``: it adopts it at start, not a minute on."""
+    wait_for(lambda: c.status_key_id() == key_id, timeout=30, what="the plugin to report the new key")
+    c.apiserver.restart()
+
+
+def wait_phase(c: OperatorCluster, key_id: str, phase: str, timeout: float = 120) -> dict[str, Any]:
+    wait_for(
+        lambda: run(c).get("targetKeyID") == key_id and run(c).get("phase") == phase,
+        timeout=timeout,
+        what=f"re-encryption to {key_id} {phase}: {run(c)}\n{c.logs()}",
+        interval=0.5,
+    )
+    return run(c)
+
+
+def adopted(c: OperatorCluster, key_id: str) -> bool:
+    import hashlib
+
+    wanted = "sha256:" + hashlib.sha256(key_id.encode()).hexdigest()
+    return any(
+        line.startswith(STATUS_METRIC) and wanted in line for line in c.apiserver.metrics().splitlines()
+    )
+
+
+def assert_counts_add_up(r: dict[str, Any]) -> None:
+    parts = sum(r[k] for k in ("rewritten", "unchanged", "conflicts", "deleted", "failures"))
+    assert parts == r["seen"], r
+
+
+def test_after_a_rotation_every_secret_is_rewritten_unchanged_and_the_old_version_retires(c):
+    c.apply(policy("reencrypt-a", 400, decryptOnlyPeriod="90s"))
+    use_policy(c, "reencrypt-a")
+    values = create_secrets(c, "ra", 500, 5)
+    v1 = str(status(c)["primaryKeyID"])
+    assert set(stored_key_ids(c).values()) == {v1}
+
+    v2 = rotate(c, "a")
+    # Until the apiserver reports v2, nothing is rewritten: a rewrite would store v1 again.
+    while not adopted(c, v2):
+        r = run(c)
+        assert r.get("phase") in (None, "WaitingForAdoption") or r.get("targetKeyID") != v2, r
+        assert r.get("seen", 0) == 0 or r.get("targetKeyID") != v2, r
+        assert v2 not in stored_key_ids(c).values()
+        time.sleep(1)
+    r = wait_phase(c, v2, "Succeeded", timeout=60)
+
+    assert r["seen"] == 500 and r["rewritten"] == 500 and r["failures"] == 0, r
+    assert r["resources"][0]["resource"] == "secrets" and r["resources"][0]["done"] is True
+    stored = stored_key_ids(c)
+    assert len(stored) == 500 and set(stored.values()) == {v2}, "every Secret is under version 2 in etcd"
+    assert secret_values(c) == values, "no value changed"
+    wait_for(
+        lambda: c.condition("secrets", "Reencrypted").get("status") == "True",
+        timeout=20,
+        what="Reencrypted=True",
+    )
+    events = json.loads(c.kubectl("get", "events", "-o", "json").stdout)["items"]
+    reasons = {e["reason"] for e in events if e["involvedObject"].get("name") == "secrets"}
+    assert {"ReencryptionStarted", "ReencryptionFinished"} <= reasons, reasons
+
+    # Version 1 retires by itself once its decryptOnlyPeriod (90 s after the rotation) has passed.
+    assert versions(c)[1] == "Enabled"
+    assert c.condition("secrets", "VersionsRetired")["reason"] == "DecryptOnlyPeriod"
+    wait_for(lambda: versions(c)[1] == "Disabled", timeout=90, what=f"version 1 retired: {status(c)}")
+    assert c.condition("secrets", "VersionsRetired")["status"] == "True"
+    c.apiserver.restart()  # no cached DEK: every Secret is decrypted through the HSM again
+    assert secret_values(c) == values
+
+
+def test_concurrent_updates_deletes_and_creates_are_neither_lost_nor_undone(c):
+    c.apply(policy("reencrypt-b", 20))
+    use_policy(c, "reencrypt-b")
+    before = secret_values(c)
+    v3 = rotate(c, "b")
+    adopt_now(c, v3)
+    wait_phase(c, v3, "Running", timeout=60)
+
+    keys = sorted(before)
+    rng = random.Random(3)
+    updated = {k: f"updated-{rng.randrange(10**9)}" for k in rng.sample(keys, 40)}
+    deleted = set(rng.sample(sorted(set(keys) - set(updated)), 25))
+    created = {f"ra-0/new{i}": f"created-{i}" for i in range(25)}
+    errors: list[str] = []
+
+    def writer() -> None:
+        try:
+            for i, (key, value) in enumerate(updated.items()):
+                ns, name = key.split("/")
+                patch = json.dumps({"stringData": {"v": value}})
+                c.kubectl("patch", "secret", name, "-n", ns, "--type=merge", "-p", patch)
+                if i < len(deleted):
+                    gone = sorted(deleted)[i]
+                    c.kubectl("delete", "secret", gone.split("/")[1], "-n", gone.split("/")[0])
+                    new = sorted(created)[i]
+                    c.kubectl(
+                        "create",
+                        "secret",
+                        "generic",
+                        new.split("/")[1],
+                        "-n",
+                        "ra-0",
+                        f"--from-literal=v={created[new]}",
+                    )
+        except Exception as exc:  # reported below, in the test's thread
+            errors.append(repr(exc))
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    thread.join(timeout=120)
+    assert not errors, errors
+    assert run(c)["phase"] == "Running", "the writes must land while the re-encryption runs"
+    r = wait_phase(c, v3, "Succeeded", timeout=120)
+
+    expected = {k: v for k, v in before.items() if k not in deleted} | updated | created
+    assert secret_values(c) == expected, "an update was lost or a deleted Secret came back"
+    stored = stored_key_ids(c)
+    assert len(stored) == len(expected) and set(stored.values()) == {v3}
+    assert r["failures"] == 0
+    assert_counts_add_up(r)
+    assert r["conflicts"] + r["deleted"] + r["unchanged"] > 0, f"the concurrent writes were not seen: {r}"
+
+
+def test_an_operator_killed_mid_run_resumes_from_its_last_page_with_exact_counts(c):
+    c.apply(policy("reencrypt-c", 40))
+    use_policy(c, "reencrypt-c")
+    total = len(stored_key_ids(c))
+    v4 = rotate(c, "c")
+    adopt_now(c, v4)
+    wait_for(
+        lambda: run(c).get("targetKeyID") == v4 and run(c).get("seen", 0) >= 200,
+        timeout=60,
+        what=f"two pages done: {run(c)}",
+        interval=0.2,
+    )
+    c.operator.kill()
+    at_kill = run(c)
+    assert at_kill["phase"] == "Running" and at_kill["seen"] < total, at_kill
+    c.operator.start(timeout=90)  # waits for the dead replica's Lease to expire
+
+    r = wait_phase(c, v4, "Succeeded", timeout=120)
+    assert r["startedAt"] == at_kill["startedAt"], "the same run resumed; a new one was not started"
+    assert r["seen"] == total and r["failures"] == 0, r
+    assert_counts_add_up(r)
+    log = c.operator.log_path.read_text()
+    resumed = [json.loads(line) for line in log.splitlines() if '"msg": "reencrypt.resumed"' in line]
+    assert resumed and resumed[-1]["seen"] >= at_kill["seen"] > 0, "it resumed after the saved pages"
+    assert set(stored_key_ids(c).values()) == {v4}
+
+
+VAP = """
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicy
+metadata: {name: frozen-secrets}
+spec:
+  failurePolicy: Fail
+  matchConstraints:
+    resourceRules:
+      - {apiGroups: [""], apiVersions: [v1], operations: [UPDATE], resources: [secrets]}
+  validations:
+    - expression: "!has(object.metadata.labels) || !('keyward-test/frozen' in object.metadata.labels)"
+      message: this Secret is frozen for the test
+---
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicyBinding
+metadata: {name: frozen-secrets}
+spec:
+  policyName: frozen-secrets
+  validationActions: [Deny]
+"""
+
+
+def test_an_object_that_keeps_failing_blocks_retirement_until_a_requested_run_succeeds(c):
+    probes = itertools.count()  # a label change each time: kubectl sends nothing for an unchanged label
+    c.apply(policy("reencrypt-d", 200, decryptOnlyPeriod="1s"))
+    use_policy(c, "reencrypt-d")
+    c.kubectl("create", "namespace", "rd")
+    c.kubectl("create", "secret", "generic", "stuck", "-n", "rd", "--from-literal=v=stuck")
+    c.kubectl("label", "secret", "stuck", "-n", "rd", "keyward-test/frozen=yes")
+    c.apply(VAP)
+    wait_for(
+        lambda: (
+            c.kubectl(
+                "label", "secret", "stuck", "-n", "rd", f"probe={next(probes)}", "--overwrite", check=False
+            ).returncode
+        ),
+        timeout=30,
+        what="the admission policy to refuse updates",
+    )
+    old = status(c)["primaryVersion"]
+    v5 = rotate(c, "d")
+    adopt_now(c, v5)
+    r = wait_phase(c, v5, "Failed", timeout=90)
+    assert r["failures"] == 1 and any("rd/stuck" in f for f in r["failedObjects"]), r
+    retired = c.condition("secrets", "VersionsRetired")
+    wait_for(
+        lambda: c.condition("secrets", "VersionsRetired").get("reason") == "ReencryptionFailed",
+        timeout=20,
+        what="the blocked retirement in a condition",
+    )
+    retired = c.condition("secrets", "VersionsRetired")
+    assert retired["status"] == "False" and "rd/stuck" in retired["message"], retired
+    time.sleep(3)  # well past the 1s decryptOnlyPeriod: still nothing retires
+    assert versions(c)[old] == "Enabled", "a version that may still protect a Secret was disabled"
+    assert stored_key_ids(c)["/registry/secrets/rd/stuck"] == f"{status(c)['versions'][old - 1]['keyID']}"
+
+    c.kubectl("delete", "validatingadmissionpolicybinding", "frozen-secrets")
+    wait_for(
+        lambda: (
+            c.kubectl(
+                "label", "secret", "stuck", "-n", "rd", f"probe={next(probes)}", "--overwrite", check=False
+            ).returncode
+            == 0
+        ),
+        timeout=30,
+        what="the admission policy to be gone",
+    )
+    reencrypt = subprocess.run(
+        [str(KEYWARD), "reencrypt", "secrets"],
+        env={**os.environ, "KUBECONFIG": str(c.apiserver.kubeconfig)},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert reencrypt.returncode == 0, reencrypt.stderr
+    wait_for(lambda: run(c).get("trigger") == "Requested", timeout=30, what="the requested run")
+    r = wait_phase(c, v5, "Succeeded", timeout=90)
+    assert r["failures"] == 0
+    wait_for(lambda: versions(c)[old] == "Disabled", timeout=30, what=f"version {old} retired")
+    assert set(stored_key_ids(c).values()) == {v5}
+
+
+IDENTITY_FIRST = """apiVersion: apiserver.config.k8s.io/v1
+kind: EncryptionConfiguration
+resources:
+  - resources: [secrets]
+    providers:
+      - identity: {{}}
+      - kms: {{apiVersion: v2, name: keyward, endpoint: "unix://{socket}", timeout: 3s}}
+"""
+
+
+def test_secrets_written_before_encryption_was_turned_on_are_encrypted_by_a_requested_run(c):
+    encrypted_config = c.apiserver.encryption_config
+    plain = c.base / "identity-first.yaml"
+    plain.write_text(IDENTITY_FIRST.format(socket=c.socket_path))
+    c.apiserver.encryption_config = plain
+    try:
+        c.apiserver.restart()
+        values = create_secrets(c, "re", 30, 2)
+    finally:
+        c.apiserver.encryption_config = encrypted_config
+        c.apiserver.restart()
+    stored = stored_key_ids(c)
+    plaintext = {k for k, v in stored.items() if v == "plaintext"}
+    assert len(plaintext) == 30, "the test needs Secrets stored in plaintext"
+
+    primary = str(status(c)["primaryKeyID"])
+    before = run(c).get("request")
+    out = subprocess.run(
+        [str(KEYWARD), "reencrypt", "secrets"],
+        env={**os.environ, "KUBECONFIG": str(c.apiserver.kubeconfig)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    wait_for(
+        lambda: run(c).get("trigger") == "Requested" and run(c).get("request") != before,
+        timeout=30,
+        what=f"the requested run to start ({out.stdout})",
+    )
+    r = wait_phase(c, primary, "Succeeded", timeout=60)
+    assert r["trigger"] == "Requested" and r["rewritten"] >= 30, r
+    after = stored_key_ids(c)
+    assert set(after.values()) == {primary}, "no Secret is left in plaintext"
+    got = secret_values(c)
+    assert {k: got[k] for k in values} == values
