@@ -43,7 +43,8 @@ class EtcdError(Exception):
 
 
 class EtcdConfigError(EtcdError):
-    """A setting cannot be used. ``setting`` names it: ``endpoints``, ``cacert``, ``cert`` or ``key``."""
+    """A setting cannot be used. ``setting`` names it: ``endpoints``, ``cacert``, ``cert``, ``key``, or
+    ``cert+key`` when the certificate and key do not go together."""
 
     def __init__(self, message: str, setting: str) -> None:
         super().__init__(message)
@@ -149,7 +150,7 @@ def tls_context(ca: Path, cert: Path | None, key: Path | None) -> ssl.SSLContext
             raise EtcdConfigError(
                 f"the etcd client certificate {cert} and key {key} do not load ({exc.reason or exc}): "
                 "both must be PEM and the key must belong to the certificate",
-                "cert",
+                "cert+key",
             ) from None
     return ctx
 
@@ -346,7 +347,7 @@ class EtcdClient:
         failures: list[str] = []
         for endpoint in order:
             try:
-                result = _request(ctx, endpoint, method, path, body, timeout=timeout)
+                result = _request(ctx, endpoint, method, path, body, timeout=timeout, ca=self.ca)
             except _Unreachable as exc:
                 failures.append(str(exc))
                 continue
@@ -362,7 +363,14 @@ def _b64(data: bytes) -> str:
 
 
 def _request(
-    ctx: ssl.SSLContext, endpoint: Endpoint, method: str, path: str, body: bytes | None, *, timeout: float
+    ctx: ssl.SSLContext,
+    endpoint: Endpoint,
+    method: str,
+    path: str,
+    body: bytes | None,
+    *,
+    timeout: float,
+    ca: Path,
 ) -> tuple[int, bytes]:
     """One HTTPS request; connection and TLS failures become _Unreachable with a one-line reason."""
     url = endpoint.url
@@ -374,7 +382,7 @@ def _request(
         return resp.status, resp.read()
     except ssl.SSLCertVerificationError as exc:
         raise _Unreachable(
-            f"the certificate of etcd at {url} does not verify against the CA file "
+            f"the certificate of etcd at {url} does not verify against the CA file {ca} "
             f"({exc.verify_message or exc.reason}): check the CA file and the endpoint's host name"
         ) from None
     except ssl.SSLError as exc:
