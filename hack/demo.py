@@ -18,6 +18,7 @@ import sys
 
 import localcluster
 from keyward import atrest
+from keyward.etcd import EtcdClient, EtcdError
 from kmsplugin.client import KmsClient
 
 PREFIX = b"k8s:enc:kms:v2:keyward:"
@@ -82,16 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     say()
 
     say("== 3. Read the raw value that etcd stores (no apiserver involved)")
-    etcd = localcluster.EtcdClient(
-        facts["etcd_endpoint"],
-        pathlib.Path(facts["etcd_cacert"]),
-        pathlib.Path(facts["etcd_cert"]),
-        pathlib.Path(facts["etcd_key"]),
-    )
     key = f"/registry/secrets/{args.namespace}/{args.name}"
-    raw = etcd.get(key)
-    if raw is None:
-        raise SystemExit(f"demo: {key} is not in etcd")
+    raw = read_etcd(facts, key)
     found = atrest.inspect(raw)
     say(f"etcd key:          {key}")
     say(f"first bytes:       {raw[:40]!r}...")
@@ -112,6 +105,18 @@ def main(argv: list[str] | None = None) -> int:
     say(f"decoded value:     {decoded!r}")
     checks["kubectl reads back exactly what was written"] = decoded == value
     return report(checks, found.key_id)
+
+
+def read_etcd(facts: dict[str, str], key: str) -> bytes:
+    """The raw value etcd holds for ``key``, read with the admin's client certificate."""
+    etcd = EtcdClient(facts["etcd_endpoint"], facts["etcd_cacert"], facts["etcd_cert"], facts["etcd_key"])
+    try:
+        raw = etcd.get(key)
+    except EtcdError as exc:
+        raise SystemExit(f"demo: {exc}") from None
+    if raw is None:
+        raise SystemExit(f"demo: {key} is not in etcd")
+    return raw
 
 
 def report(checks: dict[str, bool], key_id: str | None) -> int:

@@ -7,26 +7,23 @@ Reads etcd directly with the KEYWARD_ETCD_* settings that `make -s env` exports;
 
 from __future__ import annotations
 
-import pathlib
 import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-
-import localcluster
 from keyward import atrest
+from keyward.etcd import EtcdClient, EtcdError
 
 
 def main(argv: list[str]) -> int:
     prefix = argv[0] if argv else "/registry/secrets/"
-    try:
-        etcd = localcluster.EtcdClient.from_env()
-    except (KeyError, ValueError) as exc:
-        print(f'etcd-inspect: {exc}; run `eval "$(make -s env)"` first', file=sys.stderr)
-        return 2
     rows = [("KEY", "STORED AS", "PROVIDER", "KEY_ID")]
-    for key, value in sorted(etcd.items(prefix).items()):
-        found = atrest.inspect(value)
-        rows.append((key, found.protection.value, found.provider or "-", found.key_id or "-"))
+    try:
+        for kv in EtcdClient.from_env().scan(prefix.encode()):
+            found = atrest.inspect(kv.value)
+            key = kv.key.decode(errors="replace")
+            rows.append((key, found.protection.value, found.provider or "-", found.key_id or "-"))
+    except EtcdError as exc:
+        print(f'etcd-inspect: {exc} (for the local cluster: eval "$(make -s env)")', file=sys.stderr)
+        return 2
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())

@@ -15,7 +15,8 @@ It has two users:
 
 Every process logs to a file in its own directory (``etcd.log``, ``kube-apiserver.log``,
 ``plugin.log``) and every component class has ``log_tail(n)`` so a failing test can show why.
-Only the standard library and ``cryptography`` are used.
+Besides the standard library it uses ``cryptography`` (the PKI) and Keyward's own etcd client
+(:mod:`keyward.etcd`, which ``keyward audit`` uses too).
 """
 
 from __future__ import annotations
@@ -40,16 +41,17 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.parse
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, NamedTuple
+from typing import ClassVar, NamedTuple
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from keyward.etcd import EtcdClient, EtcdError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LOOPBACK = "127.0.0.1"
@@ -636,7 +638,7 @@ class ManagedProcess:
             try:
                 if probe():
                     return
-            except (OSError, http.client.HTTPException, ValueError) as exc:
+            except (OSError, http.client.HTTPException, ValueError, EtcdError) as exc:
                 last_error = f"{type(exc).__name__}: {exc}"
             if time.monotonic() > deadline:
                 suffix = f"; last error: {last_error}" if last_error else ""
@@ -653,99 +655,11 @@ def _port_in_use(log_tail: str) -> bool:
 # --------------------------------------------------------------------------------------------------
 
 
-class EtcdClient:
-    """Raw etcd access without etcdctl: etcd's JSON gRPC gateway over HTTPS with a client certificate.
-
-    For tests and the demo, e.g. to show what the apiserver actually stored for a Secret. Only
-    127.0.0.1 endpoints are accepted.
-    """
-
-    def __init__(self, endpoint: str, ca: Path, cert: Path, key: Path) -> None:
-        parsed = urllib.parse.urlsplit(endpoint)
-        if parsed.scheme != "https" or parsed.hostname != LOOPBACK or parsed.port is None:
-            raise ValueError(f"expected https://{LOOPBACK}:PORT, got {endpoint!r}")
-        self.endpoint = endpoint
-        self.port: int = parsed.port
-        self.ca, self.cert, self.key = Path(ca), Path(cert), Path(key)
-        self._ctx: ssl.SSLContext | None = None
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> EtcdClient:
-        """From KEYWARD_ETCD_ENDPOINTS/_CACERT/_CERT/_KEY (what ``localcluster.py env`` exports)."""
-        env = os.environ if env is None else env
-        return cls(
-            env["KEYWARD_ETCD_ENDPOINTS"].split(",")[0],
-            Path(env["KEYWARD_ETCD_CACERT"]),
-            Path(env["KEYWARD_ETCD_CERT"]),
-            Path(env["KEYWARD_ETCD_KEY"]),
-        )
-
-    def _tls(self) -> ssl.SSLContext:
-        if self._ctx is None:
-            self._ctx = _client_ssl_context(self.ca, self.cert, self.key)
-        return self._ctx
-
-    def healthy(self, timeout: float = 2.0) -> bool:
-        """True if GET /health says so."""
-        status, body = _https_request(self._tls(), self.port, "GET", "/health", timeout=timeout)
-        return status == 200 and json.loads(body).get("health") == "true"
-
-    def _range(self, request: dict[str, Any]) -> list[dict[str, Any]]:
-        status, body = _https_request(
-            self._tls(),
-            self.port,
-            "POST",
-            "/v3/kv/range",
-            json.dumps(request).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        if status != 200:
-            raise RuntimeError(f"etcd range failed: HTTP {status}: {body[:500]!r}")
-        kvs: list[dict[str, Any]] = json.loads(body).get("kvs", [])
-        return kvs
-
-    @staticmethod
-    def _b64(data: bytes) -> str:
-        return base64.b64encode(data).decode()
-
-    @staticmethod
-    def prefix_end(prefix: bytes) -> bytes:
-        """The range_end that selects every key starting with ``prefix``."""
-        end = bytearray(prefix)
-        while end:
-            if end[-1] < 0xFF:
-                end[-1] += 1
-                return bytes(end)
-            end.pop()
-        return b"\0"  # empty prefix: every key
-
-    def get(self, key: str) -> bytes | None:
-        """The raw stored value of ``key`` (as the apiserver wrote it), or None."""
-        kvs = self._range({"key": self._b64(key.encode())})
-        if not kvs:
-            return None
-        return base64.b64decode(kvs[0].get("value", ""))
-
-    def keys(self, prefix: str) -> list[str]:
-        """Every key starting with ``prefix``, sorted."""
-        raw = prefix.encode()
-        kvs = self._range(
-            {"key": self._b64(raw), "range_end": self._b64(self.prefix_end(raw)), "keys_only": True}
-        )
-        return sorted(base64.b64decode(kv["key"]).decode() for kv in kvs)
-
-    def items(self, prefix: str) -> dict[str, bytes]:
-        """Every key starting with ``prefix`` with its raw value."""
-        raw = prefix.encode()
-        kvs = self._range({"key": self._b64(raw), "range_end": self._b64(self.prefix_end(raw))})
-        return {base64.b64decode(kv["key"]).decode(): base64.b64decode(kv.get("value", "")) for kv in kvs}
-
-
 class Etcd(ManagedProcess):
     """A single-member etcd with client TLS and client-cert auth, data in ``dir/data``.
 
-    Raw key access goes through :class:`EtcdClient` with the admin client cert (etcd accepts any cert
-    the CA signed): :meth:`get`, :meth:`keys`, :meth:`items`, or :attr:`client`.
+    Raw key access goes through :class:`keyward.etcd.EtcdClient` with the admin client cert (etcd
+    accepts any cert the CA signed): :meth:`get`, :meth:`keys`, :meth:`items`, or :attr:`client`.
     """
 
     name = "etcd"

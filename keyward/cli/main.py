@@ -47,13 +47,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="ask the operator to rewrite every object under an EncryptionKey's primary version now",
     )
     reencrypt.add_argument("name")
+
+    from keyward.cli import audit
+
+    audit.add_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("plugin", "operator"):
-        return _serve(args)
+    if args.command in ("plugin", "operator", "audit"):
+        return _on_its_own(args)
     logs.configure("warning")
     logging.getLogger("keyward.audit").setLevel(logging.INFO)
     try:
@@ -74,8 +78,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _serve(args: argparse.Namespace) -> int:
-    """The long-running processes: they configure their own logging and report their own errors."""
+def _on_its_own(args: argparse.Namespace) -> int:
+    """Commands that report their own errors: the long-running processes, which also configure their
+    own logging, and ``audit``, which reads etcd only and needs no PKCS#11 setting."""
+    if args.command == "audit":
+        from keyward.cli import audit
+
+        return audit.run(args)
     if args.command == "plugin":
         from kmsplugin import main as plugin_main
 

@@ -18,6 +18,7 @@ import dataclasses
 import datetime
 import hashlib
 import re
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -100,14 +101,37 @@ def judge(
     return Adoption(False, count, count - len(missing), text)
 
 
-class AdoptionProbe:
-    """Gathers the Leases and each apiserver's metrics, then ``judge`` decides."""
+# (apiserver IDs, what each reports, endpoints that could not be read), or why nothing could be gathered.
+_Gathered = tuple[list[str], dict[str, set[str]], list[str]] | Adoption
 
-    def __init__(self, http: kubehttp.KubeHttp, *, clock: Callable[[], datetime.datetime]) -> None:
+
+class AdoptionProbe:
+    """Gathers the Leases and each apiserver's metrics, then ``judge`` decides.
+
+    An apiserver's /metrics is large: what was gathered is reused for ``max_age`` seconds by every key
+    that asks, so many keys waiting at once cost one scrape per apiserver, not one each.
+    """
+
+    def __init__(
+        self, http: kubehttp.KubeHttp, *, clock: Callable[[], datetime.datetime], max_age: float = 4.0
+    ) -> None:
         self.http = http
         self.clock = clock
+        self.max_age = datetime.timedelta(seconds=max_age)
+        self._lock = threading.Lock()
+        self._cached: tuple[datetime.datetime, _Gathered] | None = None
 
     def check(self, key_id: str) -> Adoption:
+        with self._lock:
+            now = self.clock()
+            if self._cached is None or now - self._cached[0] > self.max_age:
+                self._cached = (now, self._gather())
+            gathered = self._cached[1]
+        if isinstance(gathered, Adoption):
+            return gathered
+        return judge(key_id, *gathered)
+
+    def _gather(self) -> _Gathered:
         leases = self.http.request(
             "GET",
             "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases",
@@ -131,7 +155,7 @@ class AdoptionProbe:
                 continue
             for apiserver, keys in reported_key_ids(r.data.decode("utf-8", errors="replace")).items():
                 reported.setdefault(apiserver, set()).update(keys)
-        return judge(key_id, ids, reported, unreachable)
+        return ids, reported, unreachable
 
     def _endpoints(self) -> list[str]:
         """https://ip:port of every ready endpoint of the default/kubernetes Service."""

@@ -57,6 +57,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=float(os.environ.get("KEYWARD_REENCRYPT_RETRY_AFTER", "600")),
         help="seconds after a failed re-encryption before it is tried again (default 600)",
     )
+    parser.add_argument(
+        "--reencrypt-page-size",
+        type=int,
+        default=int(os.environ.get("KEYWARD_REENCRYPT_PAGE_SIZE", "500")),
+        help="objects listed per page by a re-encryption; progress is saved after each page (default 500)",
+    )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -67,6 +73,12 @@ def run(args: argparse.Namespace) -> int:
         cfg.check()
     except errors.StoreError as exc:
         print(f"keyward operator: {exc}", file=sys.stderr)  # noqa: T201
+        return 2
+    if not 1 <= args.reencrypt_page_size <= 10000:
+        print("keyward operator: --reencrypt-page-size must be between 1 and 10000", file=sys.stderr)  # noqa: T201
+        return 2
+    if args.reencrypt_retry_after <= 0:
+        print("keyward operator: --reencrypt-retry-after must be more than 0 seconds", file=sys.stderr)  # noqa: T201
         return 2
     kubeapi.load_config()
     key_store = store.KeyStore(worker.HsmWorker(cfg, default_timeout=30))
@@ -110,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
             load_policy=load_policy,
             clock=store.utcnow,
             retry_after=datetime.timedelta(seconds=args.reencrypt_retry_after),
+            page_size=args.reencrypt_page_size,
         )
 
     registry = handlers.build_registry(reconciler, poster, interval=args.interval, reencryptor=reencryptor)

@@ -123,6 +123,9 @@ class Reencryptor:
             self.succeeded = reencryption.Succeeded.from_status(view.status.get("lastSucceeded"))
             self.handled = view.status.get("lastHandledRequest") or None
             self._loaded = True
+            if self.run is not None and self.run.phase in reencryption.ACTIVE:
+                fields = {"key": self.name, "phase": self.run.phase, "seen": self.run.total("seen")}
+                _log.info("reencrypt.resumed", extra={"fields": fields})
         start = reencryption.next_start(
             now=self.clock(),
             primary_version=view.primary_version,
