@@ -9,8 +9,8 @@ Guards enforced here (the store enforces them again, as its own invariants):
 - the primary is never disabled or destroyed;
 - a version is disabled before it can be scheduled for destruction, and destroyed only at its time;
 - a destroyed version never comes back;
-- the operator never disables a version on its own: until re-encryption proves a superseded version
-  protects nothing, disabling is an explicit admin request (spec.versions).
+- the operator disables a version on its own only through ``retirement``, after a re-encryption proved it
+  protects nothing; otherwise disabling is an explicit admin request (spec.versions).
 """
 
 from __future__ import annotations

@@ -219,6 +219,8 @@ class Reencryptor:
 
     def _finish(self, run: reencryption.Run, problem: str) -> None:
         run.finished_at = self.clock()
+        if run.started_at is not None:
+            run.duration_seconds = round((run.finished_at - run.started_at).total_seconds(), 2)
         if problem:
             retry = times.rfc3339(run.finished_at + self.retry_after)
             run.phase = reencryption.FAILED
@@ -231,11 +233,11 @@ class Reencryptor:
             run.phase = reencryption.SUCCEEDED
             run.message = reencryption.summary(run)
             self.succeeded = reencryption.Succeeded(run.target_version, run.started_at, run.finished_at)
-            took = (run.finished_at - run.started_at).total_seconds()
             self.notify(
                 "Normal",
                 "ReencryptionFinished",
-                f"every object is under version {run.target_version} in {took:.1f}s: {run.message}",
+                f"every object is under version {run.target_version} in {run.duration_seconds:.1f}s: "
+                f"{run.message}",
             )
         self._save()
         fields = {"key": self.name, "phase": run.phase, **{c: run.total(c) for c in reencryption.COUNTS}}

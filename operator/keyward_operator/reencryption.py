@@ -75,6 +75,7 @@ class Run:
     resources: list[ResourceProgress] = dataclasses.field(default_factory=list)
     failed_objects: list[str] = dataclasses.field(default_factory=list)
     message: str = ""
+    duration_seconds: float | None = None  # Running to the end, precisely (timestamps are whole seconds)
 
     def total(self, count: str) -> int:
         return sum(getattr(r, count) for r in self.resources)
@@ -94,6 +95,7 @@ class Run:
             "startedAt": _ts(self.started_at),
             "finishedAt": _ts(self.finished_at),
             "message": self.message,
+            "durationSeconds": self.duration_seconds,
             "resources": [r.to_status() for r in self.resources],
             "failedObjects": list(self.failed_objects),
             **{c: self.total(c) for c in COUNTS},
@@ -115,6 +117,7 @@ class Run:
             resources=[ResourceProgress.from_status(r) for r in raw.get("resources") or []],
             failed_objects=[str(f) for f in raw.get("failedObjects") or []],
             message=str(raw.get("message") or ""),
+            duration_seconds=None if raw.get("durationSeconds") is None else float(raw["durationSeconds"]),
         )
 
 

@@ -4,7 +4,8 @@ A superseded version is disabled only when both hold:
 - a re-encryption that targeted a later version finished with no failure (``lastSucceeded``): it started
   after every apiserver had adopted its target, so nothing it saw can still be under this version, and
   every write since used the target or a later version;
-- the policy's decryptOnlyPeriod has passed since the version was superseded.
+- the policy's decryptOnlyPeriod has passed since that re-encryption finished: a grace period in which the
+  version still decrypts (backups restored, an apiserver with a stale cache) although nothing should need it.
 Versions that spec.versions mentions are left to the admin. The destruction schedule (destroyAfterDisabled,
 destructionWindow) then applies to the disabled version as to any other.
 """
@@ -62,7 +63,7 @@ def plan(
         if succeeded is None or succeeded.target_version <= v.version:
             held.append(_why_not_reencrypted(v, run))
             continue
-        at = since + policy.decrypt_only_period
+        at = succeeded.finished_at + policy.decrypt_only_period
         if now < at:
             wakes.append(at)
             held.append(

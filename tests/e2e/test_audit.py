@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import collections
-import http.client
 import json
 import os
 import pathlib
@@ -213,27 +212,11 @@ def test_a_paged_scan_is_a_snapshot_at_one_revision(cluster: Cluster):
     assert b"/registry/secrets/default/s-2" not in now
 
 
-def compact(cluster: Cluster, revision: int) -> None:
-    conn = http.client.HTTPSConnection(
-        "127.0.0.1", cluster.etcd.port, context=cluster.pki.admin_ssl_context()
-    )
-    try:
-        conn.request(
-            "POST",
-            "/v3/kv/compaction",
-            json.dumps({"revision": revision}),
-            {"Content-Type": "application/json"},
-        )
-        assert conn.getresponse().status == 200
-    finally:
-        conn.close()
-
-
 def test_reading_a_compacted_revision_says_to_run_again(cluster: Cluster):
     c = client(cluster)
     old = c.current_revision(b"/registry/secrets/")
     create(cluster, "secret", "after-the-snapshot")
-    compact(cluster, c.current_revision(b"/registry/secrets/"))
+    cluster.etcd.compact(c.current_revision(b"/registry/secrets/"))
     with pytest.raises(etcd.EtcdError) as caught:
         list(c.scan(b"/registry/secrets/", revision=old))
     text = str(caught.value)

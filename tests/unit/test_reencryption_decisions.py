@@ -121,10 +121,10 @@ def test_a_version_retires_only_after_a_successful_run_to_a_later_version_and_it
     waiting = retire(m, run=a_run(2, reencryption.WAITING, message="1 of 2 apiservers"), now=late)
     assert waiting.reason == "WaitingForAdoption" and waiting.disable == ()
 
-    ok = reencryption.Succeeded(2, T0 + HOUR, T0 + HOUR)
-    early = retire(m, succeeded=ok, now=T0 + HOUR + datetime.timedelta(minutes=59))
-    assert early.disable == () and early.reason == "DecryptOnlyPeriod" and early.wake_at == T0 + 2 * HOUR
-    due = retire(m, succeeded=ok, now=T0 + 2 * HOUR)
+    ok = reencryption.Succeeded(2, T0 + HOUR, T0 + 2 * HOUR)  # finished an hour after it started
+    early = retire(m, succeeded=ok, now=T0 + 2 * HOUR + datetime.timedelta(minutes=59))
+    assert early.disable == () and early.reason == "DecryptOnlyPeriod" and early.wake_at == T0 + 3 * HOUR
+    due = retire(m, succeeded=ok, now=T0 + 3 * HOUR)
     assert due.disable == (1,) and due.ok
 
     assert retire(m, succeeded=reencryption.Succeeded(1, T0, T0), now=late).disable == (), (
