@@ -494,3 +494,47 @@ def test_helm_upgrade_keeps_every_key_and_helm_uninstall_destroys_nothing(chart_
     # Installing again adopts the kept CRDs.
     c.install()
     assert keys() == before
+
+
+def test_the_three_steps_turn_encryption_on_for_secrets_stored_in_plaintext(chart_cluster):
+    """docs/install-kubeadm.md sections 4 to 7 on one apiserver, with the chart's three files."""
+    c = chart_cluster
+    files = chart.node_files(chart.render(set_values=[f"plugin.socketPath={c.socket_path}"]))
+    config = c.apiserver.encryption_config
+    assert config is not None
+    prefix = b"k8s:enc:kms:v2:keyward:"
+
+    def use(step: str) -> None:
+        config.write_text(files[step])
+        c.apiserver.restart(timeout=120)
+
+    def value(name: str) -> str:
+        return c.kubectl("get", "secret", name, "-n", "default", "-o", "jsonpath={.data.k}").stdout
+
+    try:
+        c.kubectl("create", "secret", "generic", "written-encrypted", "--from-literal=k=enc", "-n", "default")
+        assert c.raw("default", "written-encrypted").startswith(prefix)
+        use("encryption-config-1-read.yaml")
+        # Step 1 reads what another apiserver encrypted, and still writes plaintext.
+        assert value("written-encrypted") == "ZW5j"
+        c.kubectl("create", "secret", "generic", "written-plain", "--from-literal=k=plain", "-n", "default")
+        assert not c.raw("default", "written-plain").startswith(b"k8s:enc:")
+
+        use("encryption-config-2-encrypt.yaml")
+        c.kubectl("create", "secret", "generic", "written-later", "--from-literal=k=later", "-n", "default")
+        assert c.raw("default", "written-later").startswith(prefix)
+        assert value("written-plain") == "cGxhaW4=" and not c.raw("default", "written-plain").startswith(
+            prefix
+        )
+        # Re-encryption (`keyward reencrypt secrets` once it lands): every Secret written again.
+        everything = c.kubectl("get", "secrets", "--all-namespaces", "-o", "json").stdout
+        c.kubectl("replace", "-f", "-", input=everything)
+        stored = c.etcd.items("/registry/secrets/")
+        assert stored and all(raw.startswith(prefix) for raw in stored.values()), [
+            key for key, raw in stored.items() if not raw.startswith(prefix)
+        ]
+
+        use("encryption-config-3-kms-only.yaml")
+        assert value("written-plain") == "cGxhaW4=" and value("written-encrypted") == "ZW5j"
+    finally:
+        use("encryption-config-2-encrypt.yaml")
