@@ -248,6 +248,9 @@ def test_helm_install_creates_the_crds_and_the_node_files(chart_installed):
     for crd in ("encryptionkeys.keyward.io", "rotationpolicies.keyward.io"):
         got = json.loads(c.kubectl("get", "crd", crd, "-o", "json").stdout)
         assert got["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+        # The chart's copy, through Helm's templating, is the schema of deploy/crds, CEL rules included.
+        source = chart.documents((chart.DEPLOY / "crds" / f"keyward.io_{crd.split('.')[0]}.yaml").read_text())
+        assert got["spec"]["versions"] == source[0]["spec"]["versions"]
         established = [x for x in got["status"]["conditions"] if x["type"] == "Established"]
         assert established[0]["status"] == "True"
     assert "No resources found" in c.kubectl("get", "encryptionkeys").stderr
