@@ -5,13 +5,15 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STATE ?= $(CURDIR)/.local/cluster
 
-.PHONY: help bootstrap up down env demo test lint typecheck unit e2e bench protos
+.PHONY: help bootstrap up down env demo test lint typecheck unit e2e bench protos chart manifests
 
 help:
 	@echo "make demo   - from nothing to a Secret encrypted in etcd by the HSM-backed KMS plugin"
 	@echo "make test   - lint, type checks and the whole test suite (real apiserver, etcd, SoftHSM2)"
 	@echo "make up     - start the local control plane (idempotent); make down stops and cleans it"
 	@echo "eval \"\$$(make -s env)\"  - point kubectl and the keyward CLI at the local control plane"
+	@echo "make chart  - helm lint and template the chart (default and ci/ values); check deploy/ is current"
+	@echo "make manifests - write deploy/keyward.yaml, deploy/node/ and the chart's CRD copy from the chart"
 
 bootstrap:
 	@bash hack/bootstrap.sh
@@ -38,6 +40,13 @@ typecheck: bootstrap
 	@# Test functions take fixtures and return nothing: their bodies are checked, their signatures not required.
 	$(VENV)/bin/mypy --allow-untyped-defs --allow-incomplete-defs --allow-untyped-calls --no-warn-return-any \
 		--check-untyped-defs tests
+
+chart: bootstrap
+	$(PY) hack/chart.py lint
+	$(PY) hack/chart.py check
+
+manifests: bootstrap
+	$(PY) hack/chart.py write
 
 protos: bootstrap
 	$(PY) -m keyward.wire.generate

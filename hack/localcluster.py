@@ -945,22 +945,31 @@ def write_kubeconfig(path: Path, server: str, pki: Pki, context: str = "keyward-
     def b64(p: Path) -> str:
         return base64.b64encode(p.read_bytes()).decode()
 
+    user = {"client-certificate-data": b64(pki.admin_cert), "client-key-data": b64(pki.admin_key)}
+    _write_kubeconfig(path, server, pki.ca_cert, user_name=ADMIN_USER, user=user, context=context)
+
+
+def write_token_kubeconfig(
+    path: Path, server: str, ca_cert: Path, *, user_name: str, token: str, context: str = "keyward-local"
+) -> None:
+    """A kubeconfig that authenticates with a bearer token, such as a ServiceAccount's (kubectl create token).
+
+    Unlike impersonation (``as:`` in a kubeconfig, which kubectl honours but the Python kubernetes client and
+    Kopf ignore), a token makes every client act as that account, so its RBAC is what applies.
+    """
+    _write_kubeconfig(path, server, ca_cert, user_name=user_name, user={"token": token}, context=context)
+
+
+def _write_kubeconfig(
+    path: Path, server: str, ca_cert: Path, *, user_name: str, user: Mapping[str, str], context: str
+) -> None:
+    ca_data = base64.b64encode(ca_cert.read_bytes()).decode()
     config = {
         "apiVersion": "v1",
         "kind": "Config",
-        "clusters": [
-            {"name": context, "cluster": {"server": server, "certificate-authority-data": b64(pki.ca_cert)}}
-        ],
-        "users": [
-            {
-                "name": ADMIN_USER,
-                "user": {
-                    "client-certificate-data": b64(pki.admin_cert),
-                    "client-key-data": b64(pki.admin_key),
-                },
-            }
-        ],
-        "contexts": [{"name": context, "context": {"cluster": context, "user": ADMIN_USER}}],
+        "clusters": [{"name": context, "cluster": {"server": server, "certificate-authority-data": ca_data}}],
+        "users": [{"name": user_name, "user": dict(user)}],
+        "contexts": [{"name": context, "context": {"cluster": context, "user": user_name}}],
         "current-context": context,
         "preferences": {},
     }

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+import chart
 import localcluster
 
 KEYWARD = pathlib.Path(sys.executable).with_name("keyward")
@@ -238,3 +239,124 @@ class OperatorCluster(Cluster):
 @pytest.fixture(scope="module")
 def operator_cluster() -> Iterator[OperatorCluster]:
     yield from running(OperatorCluster, "kwo-")
+
+
+class ChartOperator(localcluster.Operator):
+    """The operator as the chart's Deployment runs it: its container args, as its ServiceAccount.
+
+    The environment is the Deployment's, with the node paths it names (module, PIN file, SoftHSM2
+    configuration, lock file) replaced by this test token's.
+    """
+
+    def __init__(
+        self,
+        dir: pathlib.Path,
+        token: localcluster.SoftHsmToken,
+        kubeconfig: pathlib.Path,
+        container: dict[str, Any],
+        namespace: str,
+    ) -> None:
+        super().__init__(dir, token, kubeconfig)
+        self.args = [str(a) for a in container["args"]]
+        names = {e["name"] for e in container["env"]}
+        local = {
+            **token.env(),
+            "KEYWARD_STORE_LOCK": str(token.dir / "store.lock"),
+            "POD_NAMESPACE": namespace,
+        }
+        unknown = names - local.keys()
+        assert not unknown, f"the chart's operator reads environment this test cannot stand in for: {unknown}"
+        self.extra_env = {name: local[name] for name in names}
+
+    def command(self) -> list[str]:
+        return [str(self.keyward_bin), *self.args]
+
+
+class ChartCluster(Cluster):
+    """A Cluster whose kube-apiserver encrypts Secrets with the chart's EncryptionConfiguration.
+
+    Nothing of Keyward's is installed in it but the namespace ``keyward``: the tests install the chart
+    (:meth:`install`) and run the operator as the chart's ServiceAccount (:meth:`new_operator`).
+    """
+
+    NAMESPACE = "keyward"
+    RELEASE = "keyward"
+
+    def __init__(self, base: pathlib.Path) -> None:
+        super().__init__(base)
+        rendered = chart.render(set_values=[f"plugin.socketPath={self.socket_path}"])
+        self.encryption_config = chart.node_files(rendered)["encryption-config-2-encrypt.yaml"]
+        assert self.apiserver.encryption_config is not None
+        self.apiserver.encryption_config.write_text(self.encryption_config)
+        #: What the tests install with: fast reconciliation and a /healthz port of our own.
+        self.values = ["operator.reconcileInterval=1", f"operator.healthPort={localcluster.free_port()}"]
+
+    def start(self) -> None:
+        super().start()
+        self.kubectl("create", "namespace", self.NAMESPACE)
+
+    def helm(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return chart.helm(*args, "--kubeconfig", str(self.apiserver.kubeconfig), check=check)
+
+    def install(self, *extra_values: str, command: str = "install") -> subprocess.CompletedProcess[str]:
+        """``helm install`` (or ``upgrade``) of charts/keyward as release keyward in namespace keyward."""
+        sets = [arg for value in (*self.values, *extra_values) for arg in ("--set", value)]
+        return self.helm(command, self.RELEASE, str(chart.CHART), "--namespace", self.NAMESPACE, *sets)
+
+    def installed(self) -> bool:
+        return self.helm("status", self.RELEASE, "--namespace", self.NAMESPACE, check=False).returncode == 0
+
+    def manifest(self) -> list[dict[str, Any]]:
+        """The objects of the installed release, as Helm recorded them."""
+        out = self.helm("get", "manifest", self.RELEASE, "--namespace", self.NAMESPACE).stdout
+        return chart.documents(out)
+
+    def service_account_kubeconfig(self, name: str, path: pathlib.Path) -> pathlib.Path:
+        """A kubeconfig with a fresh token of ServiceAccount ``name`` in the chart's namespace."""
+        token = self.kubectl("create", "token", name, "--namespace", self.NAMESPACE, "--duration=1h").stdout
+        user = f"system:serviceaccount:{self.NAMESPACE}:{name}"
+        localcluster.write_token_kubeconfig(
+            path, self.apiserver.url, self.pki.ca_cert, user_name=user, token=token.strip()
+        )
+        return path
+
+    def new_operator(self, name: str = "chart-operator") -> ChartOperator:
+        """The installed Deployment's operator, authenticated as its ServiceAccount (not started)."""
+        deployment = next(
+            o
+            for o in self.manifest()
+            if o["kind"] == "Deployment" and o["metadata"]["name"] == "keyward-operator"
+        )
+        pod = deployment["spec"]["template"]["spec"]
+        kubeconfig = self.service_account_kubeconfig(
+            pod["serviceAccountName"], self.base / f"{name}.kubeconfig"
+        )
+        return ChartOperator(self.base / name, self.token, kubeconfig, pod["containers"][0], self.NAMESPACE)
+
+
+@pytest.fixture(scope="module")
+def chart_cluster() -> Iterator[ChartCluster]:
+    yield from running(ChartCluster, "kwh-")
+
+
+@pytest.fixture(scope="module")
+def chart_installed(chart_cluster: ChartCluster) -> ChartCluster:
+    """The chart installed with the test values (once per module), CRDs established."""
+    if not chart_cluster.installed():
+        chart_cluster.install()
+        chart_cluster.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
+    return chart_cluster
+
+
+@pytest.fixture
+def chart_operator(chart_installed: ChartCluster) -> Iterator[ChartOperator]:
+    """The operator under exactly the chart's RBAC (its ServiceAccount's token); stopped after the test."""
+    operator = chart_installed.new_operator()
+    try:
+        operator.start()
+    except localcluster.ComponentError as exc:
+        pytest.fail(exc.report())
+    try:
+        yield operator
+    finally:
+        operator.stop()

@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     from kmsplugin import main as plugin_main
 
     plugin_main.add_arguments(serve)
+    plugin_main.add_check_arguments(
+        psub.add_parser("check", help="ask a running plugin for its Status, as kube-apiserver does")
+    )
 
     operator = sub.add_parser("operator", help="the operator that reconciles EncryptionKeys")
     osub = operator.add_subparsers(dest="operator_command", required=True, metavar="COMMAND")
@@ -88,6 +91,8 @@ def _on_its_own(args: argparse.Namespace) -> int:
     if args.command == "plugin":
         from kmsplugin import main as plugin_main
 
+        if args.plugin_command == "check":
+            return plugin_main.check(args)
         return plugin_main.serve(args)
     from keyward_operator import main as operator_main
 

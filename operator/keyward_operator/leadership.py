@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -41,6 +42,17 @@ class LeaderElector:
         self.name = name
         self.lease_seconds = lease_seconds
         self.renew_every = renew_every
+        self._last_beat = time.monotonic()
+
+    def _beat(self) -> None:
+        self._last_beat = time.monotonic()
+
+    def healthy(self) -> tuple[bool, str]:
+        """Whether the acquire or renew loop made an attempt recently (a hung API call makes it stale)."""
+        age = time.monotonic() - self._last_beat
+        if age > self.lease_seconds + 2 * self.renew_every:
+            return False, f"the leader-election loop has not run for {age:.0f}s"
+        return True, "ok"
 
     def try_acquire(self) -> bool:
         now = _now()
@@ -92,6 +104,7 @@ class LeaderElector:
         """Blocks until this replica leads (True) or ``stop`` is set (False)."""
         announced = False
         while not stop.is_set():
+            self._beat()
             try:
                 if self.try_acquire():
                     _log.info("leadership.acquired", extra={"fields": {"identity": self.identity}})
@@ -112,6 +125,7 @@ class LeaderElector:
         def loop() -> None:
             last_ok = _now()
             while not stop.wait(self.renew_every):
+                self._beat()
                 try:
                     if self.try_acquire():
                         last_ok = _now()

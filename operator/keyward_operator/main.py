@@ -26,6 +26,7 @@ from keyward_operator import (
     adoption,
     events,
     handlers,
+    health,
     kubeapi,
     kubehttp,
     leadership,
@@ -64,6 +65,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="objects listed per page by a re-encryption; progress is saved after each page (default 500)",
     )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument(
+        "--health-port",
+        type=int,
+        default=int(os.environ.get("KEYWARD_HEALTH_PORT", "0")),
+        help="serve GET /healthz on this TCP port for pod probes (env KEYWARD_HEALTH_PORT; default 0: off)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -86,6 +93,17 @@ def run(args: argparse.Namespace) -> int:
     elector = leadership.LeaderElector(
         client.CoordinationV1Api(), namespace=args.lease_namespace, identity=identity, name=args.lease_name
     )
+    if args.health_port:
+        # A daemon thread: it answers for as long as the process lives, and ends with it.
+        try:
+            health.HealthServer(args.health_port, elector.healthy).start()
+        except OSError as exc:
+            print(  # noqa: T201
+                f"keyward operator: cannot serve /healthz on port {args.health_port}: {exc.strerror}; "
+                "choose another --health-port",
+                file=sys.stderr,
+            )
+            return 2
     stop = threading.Event()
     lost = threading.Event()
     if not elector.acquire(stop):

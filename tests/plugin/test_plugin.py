@@ -349,3 +349,37 @@ def test_after_rotate_then_disable_of_the_reported_version_encrypt_uses_the_new_
         time.sleep(2.5)  # past the plugin's manifest refresh, before its next Status
         sealed = kms.encrypt(b"e" * 32)
         assert sealed.key_id != reported and sealed.key_id.startswith("secrets/v2/")
+
+
+def check(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(KEYWARD), "plugin", "check", *args], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_plugin_check_the_probe_command_answers_while_the_plugin_serves_and_fails_clearly_otherwise(
+    start_plugin, keyward, token, short_tmp
+):
+    listed = json.loads(keyward("keys", "list", "--json").stdout)
+    plugin = start_plugin()
+    ok = check("--socket", str(plugin.socket_path), "--require-healthy")
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.strip() == f"healthz=ok version=v2 key_id={listed[0]['primaryKeyId']}"
+
+    # An HSM problem is reported but is no reason for a liveness probe to restart the plugin.
+    real_pin = token.pin_file.read_text()
+    token.pin_file.write_text("000000")
+    unhealthy = start_plugin(name="wrong-pin")
+    try:
+        alive = check("--socket", str(unhealthy.socket_path))
+        assert alive.returncode == 0 and "incorrect PIN" in alive.stdout, alive.stdout + alive.stderr
+        strict = check("--socket", str(unhealthy.socket_path), "--require-healthy")
+        assert strict.returncode == 1 and "not healthy" in strict.stderr and "incorrect PIN" in strict.stderr
+    finally:
+        token.pin_file.write_text(real_pin)
+
+    missing = short_tmp / "nothing.sock"
+    gone = check("--socket", str(missing), "--timeout", "2")
+    assert gone.returncode == 1
+    assert f"unix://{missing}" in gone.stderr and "is the plugin running" in gone.stderr
+    assert "Traceback" not in gone.stderr
