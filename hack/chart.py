@@ -118,15 +118,21 @@ def stale() -> list[Path]:
 
 
 def write() -> list[Path]:
-    """Write every stale file, remove orphans; returns what changed."""
-    wanted = generated()
-    changed = stale()
-    for path in changed:
-        if path in wanted:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(wanted[path])
-        else:
-            path.unlink()
+    """Write every stale file, remove orphans; returns what changed.
+
+    Twice at most: deploy/ is rendered from the chart, whose CRD copies the first pass may have renewed.
+    """
+    changed: list[Path] = []
+    for _ in range(2):
+        wanted = generated()
+        now = stale()
+        for path in now:
+            if path in wanted:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(wanted[path])
+            else:
+                path.unlink()
+        changed += [p for p in now if p not in changed]
     return changed
 
 

@@ -72,9 +72,12 @@ class KubeHttp:
         params = {k: str(v) for k, v in (query or {}).items() if v not in (None, "")}
         url = (host or self.host) + path + (("?" + urllib.parse.urlencode(params)) if params else "")
         headers = {"Accept": accept, "User-Agent": USER_AGENT}
-        token = self.config.get_api_key_with_prefix("authorization")
-        if token:
-            headers["Authorization"] = token
+        # The client's own auth settings: the bearer token of a pod's ServiceAccount (refreshed when the
+        # kubelet rotates it) or of a kubeconfig; client certificates live in the connection pool.
+        settings: Any = self.config.auth_settings()
+        for setting in settings.values():
+            if setting.get("in") == "header" and setting.get("value"):
+                headers["Authorization"] = str(setting["value"])
         data = None
         if body is not None:
             data = json.dumps(body).encode()

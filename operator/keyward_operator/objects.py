@@ -28,6 +28,15 @@ class ContinueExpired(Exception):
 class ListError(RuntimeError):
     """A page could not be listed (other than an expired token)."""
 
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+    @property
+    def transient(self) -> bool:
+        """The apiserver is restarting, overloaded or briefly unsure (a 403 while its RBAC cache fills)."""
+        return self.status in (403, 429) or self.status >= 500
+
 
 @dataclasses.dataclass(frozen=True)
 class ResourceType:
@@ -121,7 +130,7 @@ class Objects:
             token = (doc.get("metadata") or {}).get("continue") if isinstance(doc, dict) else None
             raise ContinueExpired(token or None)
         if r.status != 200:
-            raise ListError(f"listing {rtype.name} failed: HTTP {r.status}: {r.message()}")
+            raise ListError(f"listing {rtype.name} failed: HTTP {r.status}: {r.message()}", r.status)
         doc = r.json()
         items = tuple(_ref(item.get("metadata") or {}) for item in doc.get("items") or [])
         return Page(items, (doc.get("metadata") or {}).get("continue") or None)

@@ -61,6 +61,10 @@ class Notify(Protocol):
     def __call__(self, etype: str, reason: str, message: str) -> None: ...
 
 
+class TransientError(RuntimeError):
+    """The API answered, but with something that passes (429, 5xx): try again shortly."""
+
+
 class StatusWriter:
     """Merge-patches ``status.reencryption`` of an EncryptionKey (no other status field is touched)."""
 
@@ -74,6 +78,8 @@ class StatusWriter:
             body={"status": {"reencryption": record}},
             content_type=kubehttp.MERGE_PATCH,
         )
+        if r.status == 429 or r.status >= 500:
+            raise TransientError(f"status not written: HTTP {r.status}: {r.message()}")
         if r.status != 200:
             _log.warning(
                 "reencrypt.status_not_written",
@@ -116,7 +122,20 @@ class Reencryptor:
         self._loaded = False
 
     def step(self, current: Callable[[], KeyView], should_stop: Callable[[], bool]) -> float:
-        """One step; returns the seconds to wait before the next."""
+        """One step; returns the seconds to wait before the next.
+
+        An apiserver that cannot be reached (restarting, a network blip) costs a retry after ``poll``
+        seconds, never the run: it resumes from its last saved page.
+        """
+        try:
+            return self._step(current, should_stop)
+        except (kubehttp.TransportError, TransientError, rewriting.Unavailable) as exc:
+            _log.warning(
+                "reencrypt.api_unavailable", extra={"fields": {"key": self.name, "why": str(exc)[:300]}}
+            )
+            return self.poll
+
+    def _step(self, current: Callable[[], KeyView], should_stop: Callable[[], bool]) -> float:
         view = current()
         if not self._loaded:
             self.run = reencryption.Run.from_status(view.status)
@@ -204,7 +223,13 @@ class Reencryptor:
             rewriter.run(run, should_stop=stop, on_page=self._save)
         except rewriting.Interrupted:
             return 0.0 if not should_stop() else self.poll
-        except (resourcenames.ResourceError, objects.ListError, kubehttp.TransportError) as exc:
+        except objects.ListError as exc:
+            if exc.transient:
+                raise TransientError(str(exc)) from None
+            run.failed_objects.append(str(exc)[:300])
+            self._finish(run, f"the re-encryption stopped: {exc}")
+            return self.poll
+        except resourcenames.ResourceError as exc:
             run.failed_objects.append(str(exc)[:300])
             self._finish(run, f"the re-encryption stopped: {exc}")
             return self.poll

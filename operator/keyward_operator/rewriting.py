@@ -8,8 +8,9 @@ is not written again). An expired continue token restarts the list where etcd sa
 start; again, objects already rewritten cost one cheap no-op each.
 
 Per object: 2xx counts as rewritten (new resourceVersion) or unchanged; 409 and 404 are someone else's
-newer write or delete; 429, 5xx and transport errors are retried with backoff; anything else, or a retry
-budget spent, is a failure and named in the run's ``failedObjects``.
+newer write or delete; 403, 429, 5xx and transport errors are retried with backoff (an apiserver that is
+restarting), and if they persist the page is abandoned uncounted and redone later; anything else, or a 403
+that persists, is a failure and named in the run's ``failedObjects``.
 """
 
 from __future__ import annotations
@@ -22,11 +23,16 @@ from collections.abc import Callable
 from keyward_operator import kubehttp, objects, ratelimit, reencryption
 
 _log = logging.getLogger("keyward.operator")
-RETRYABLE = {429, 500, 502, 503, 504}
+# 403 too: an apiserver that just started refuses requests until its RBAC cache has filled.
+RETRYABLE = {403, 429, 500, 502, 503, 504}
 
 
 class Interrupted(Exception):
     """The run was told to stop (operator shutdown, key deleted, or a newer primary) mid-way."""
+
+
+class Unavailable(Exception):
+    """The apiserver kept failing writes in ways that pass (restart, overload): the page is redone later."""
 
 
 class Rewriter:
@@ -37,8 +43,8 @@ class Rewriter:
         rate: float,
         workers: int = 4,
         page_size: int = 500,
-        attempts: int = 5,
-        backoff: float = 0.2,
+        attempts: int = 6,
+        backoff: float = 0.25,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.objects = objects_api
@@ -78,6 +84,9 @@ class Rewriter:
                     )
                     if should_stop():
                         raise Interrupted()  # this page's counts are not kept: it is redone on resume
+                    stuck = [detail for outcome, detail in results if outcome == "unavailable"]
+                    if stuck:
+                        raise Unavailable(f"{progress.resource}: {stuck[0]}")
                     for ref, (outcome, detail) in zip(page.items, results, strict=True):
                         progress.seen += 1
                         setattr(progress, outcome, getattr(progress, outcome) + 1)
@@ -124,16 +133,23 @@ class Rewriter:
             except kubehttp.TransportError as exc:
                 detail = str(exc)
             else:
-                if 200 <= response.status < 300:
-                    new_rv = objects.new_resource_version(response)
-                    return ("unchanged" if new_rv == ref.resource_version else "rewritten"), ""
-                if response.status == 409:
-                    return "conflicts", ""
-                if response.status == 404:
-                    return "deleted", ""
-                detail = f"HTTP {response.status}: {response.message()}"
-                if response.status not in RETRYABLE:
-                    return "failures", detail
+                outcome, detail = _classify(response, ref)
+                if outcome:
+                    return outcome, detail
             if attempt < self.attempts - 1:
                 self.sleep(self.backoff * 2**attempt)
-        return "failures", f"gave up after {self.attempts} attempts: {detail}"
+        if detail.startswith("HTTP 403"):
+            return "failures", detail  # still refused once the apiserver had time to settle: RBAC
+        return "unavailable", f"gave up after {self.attempts} attempts: {detail}"
+
+
+def _classify(response: kubehttp.Response, ref: objects.ObjectRef) -> tuple[str, str]:
+    """The outcome of one no-op write, or "" with the detail when it is worth trying again."""
+    if 200 <= response.status < 300:
+        new_rv = objects.new_resource_version(response)
+        return ("unchanged" if new_rv == ref.resource_version else "rewritten"), ""
+    outcomes = {409: "conflicts", 404: "deleted"}
+    if response.status in outcomes:
+        return outcomes[response.status], ""
+    detail = f"HTTP {response.status}: {response.message()}"
+    return ("" if response.status in RETRYABLE else "failures"), detail

@@ -384,6 +384,8 @@ def test_the_operator_completes_a_rotation_under_exactly_the_charts_rbac(
         what=f"the served key adopted\n{op.log_tail(30)}",
     )
     old_key_id = c.status_key_id()
+    for i in range(20):
+        c.kubectl("create", "secret", "generic", f"chart-{i}", "-n", "default", f"--from-literal=v={i}")
     c.kubectl("annotate", "encryptionkey", "secrets", "keyward.io/rotate-requested-at=chart-1", "--overwrite")
     status = wait_for(
         lambda: (s := key(c, "secrets").get("status", {})).get("primaryVersion") == 2 and s,
@@ -395,7 +397,21 @@ def test_the_operator_completes_a_rotation_under_exactly_the_charts_rbac(
     assert [v["version"] for v in hsm["versions"]] == [1, 2]
     assert status["primaryKeyID"] == hsm["primaryKeyId"] != old_key_id
     wait_for(lambda: c.status_key_id() == hsm["primaryKeyId"], timeout=15, what="the plugin's Status")
-    # LATER: the re-encryption (another branch) completes here under the same RBAC.
+    # The re-encryption completes under the same RBAC: adoption read from the identity Leases and
+    # /metrics (the apiserver polls its plugin about once a minute), Secrets listed and patched.
+    run = wait_for(
+        lambda: (
+            (r := key(c, "secrets").get("status", {}).get("reencryption") or {}).get("phase")
+            in ("Succeeded", "Failed")
+            and r.get("targetKeyID") == hsm["primaryKeyId"]
+            and r
+        ),
+        timeout=150,
+        what=f"the re-encryption: {key(c, 'secrets').get('status')}\n{op.log_tail(40)}",
+    )
+    assert run["phase"] == "Succeeded" and run["rewritten"] >= 20, run
+    stored = {k: atrest.inspect(v).key_id for k, v in c.etcd.items("/registry/secrets/").items()}
+    assert set(stored.values()) == {hsm["primaryKeyId"]}, stored
 
     # Its leader Lease is the chart's, in the chart's namespace; its Events reached namespace default.
     lease = json.loads(c.kubectl("get", "lease", "keyward-operator", "-n", NS, "-o", "json").stdout)
