@@ -267,8 +267,8 @@ def test_concurrent_updates_deletes_and_creates_are_neither_lost_nor_undone(c):
     assert r["conflicts"] + r["deleted"] + r["unchanged"] > 0, f"the concurrent writes were not seen: {r}"
 
 
-def test_an_operator_killed_mid_run_resumes_from_its_last_page_with_exact_counts(c):
-    c.apply(policy("reencrypt-c", 60))
+def test_a_run_resumes_from_its_last_page_after_an_operator_kill_and_an_apiserver_restart(c):
+    c.apply(policy("reencrypt-c", 30))
     use_policy(c, "reencrypt-c")
     total = len(stored_key_ids(c))
     v4 = rotate(c, "c")
@@ -284,6 +284,10 @@ def test_an_operator_killed_mid_run_resumes_from_its_last_page_with_exact_counts
     assert at_kill["phase"] == "Running" and at_kill["seen"] < total, at_kill
     c.operator.start(timeout=90)  # waits for the dead replica's Lease to expire
 
+    # And the apiserver restarts under the resumed run: it waits and carries on, nothing fails.
+    wait_for(lambda: run(c).get("seen", 0) > at_kill["seen"], timeout=60, what="the resumed run's next page")
+    assert run(c)["phase"] == "Running"
+    c.apiserver.restart()
     r = wait_phase(c, v4, "Succeeded", timeout=120)
     assert r["startedAt"] == at_kill["startedAt"], "the same run resumed; a new one was not started"
     assert r["seen"] == total and r["failures"] == 0, r
