@@ -13,7 +13,8 @@ from typing import Any
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from keyward_operator import decisions, reencryption
+from keyward_operator import decisions
+from keyward_operator.reencryption import record
 
 
 def rotate(name: str) -> int:
@@ -21,9 +22,7 @@ def rotate(name: str) -> int:
 
 
 def reencrypt(name: str) -> int:
-    return _request(
-        name, reencryption.REENCRYPT_ANNOTATION, reencryption.REENCRYPT_BY_ANNOTATION, "re-encryption"
-    )
+    return _request(name, record.REENCRYPT_ANNOTATION, record.REENCRYPT_BY_ANNOTATION, "re-encryption")
 
 
 def _request(name: str, at_annotation: str, by_annotation: str, what: str) -> int:

@@ -19,7 +19,8 @@ from typing import Any
 import kopf
 
 from keyward.hsm import audit
-from keyward_operator import events, reconciling, reencrypting
+from keyward_operator import events, reconciling
+from keyward_operator.reencryption import runner
 
 GROUP = "keyward.io"
 VERSION = "v1alpha1"
@@ -33,7 +34,7 @@ def build_registry(
     poster: events.EventPoster,
     *,
     interval: float,
-    reencryptor: Callable[[str, reencrypting.Notify], reencrypting.Reencryptor] | None = None,
+    reencryptor: Callable[[str, runner.Notify], runner.Reencryptor] | None = None,
 ) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
     resource: dict[str, Any] = {"group": GROUP, "version": VERSION, "plural": PLURAL, "registry": registry}
@@ -103,7 +104,7 @@ def build_registry(
         loop = asyncio.get_running_loop()
         while not stopped:
             delay = await loop.run_in_executor(
-                pool, worker.step, lambda: reencrypting.KeyView.of(body), lambda: bool(stopped)
+                pool, worker.step, lambda: runner.KeyView.of(body), lambda: bool(stopped)
             )
             if delay > 0:
                 await stopped.wait(delay)

@@ -22,19 +22,8 @@ from kubernetes import client
 from keyward import logs
 from keyward.hsm import config as hsm_config
 from keyward.hsm import errors, store, worker
-from keyward_operator import (
-    adoption,
-    events,
-    handlers,
-    health,
-    kubeapi,
-    kubehttp,
-    leadership,
-    objects,
-    policies,
-    reconciling,
-    reencrypting,
-)
+from keyward_operator import events, handlers, health, kubeapi, kubehttp, leadership, policies, reconciling
+from keyward_operator.reencryption import adoption, objects, runner
 
 _log = logging.getLogger("keyward.operator")
 
@@ -120,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     http = kubehttp.KubeHttp()
     objects_api = objects.Objects(http)
     probe = adoption.AdoptionProbe(http, clock=store.utcnow)
-    writer = reencrypting.StatusWriter(http)
+    writer = runner.StatusWriter(http)
 
     def load_policy(ref: str | None) -> policies.Policy:
         if not ref:
@@ -130,8 +119,8 @@ def run(args: argparse.Namespace) -> int:
             raise policies.PolicyError(f"RotationPolicy {ref!r} does not exist")
         return policies.from_spec(ref, raw)
 
-    def reencryptor(name: str, notify: reencrypting.Notify) -> reencrypting.Reencryptor:
-        return reencrypting.Reencryptor(
+    def reencryptor(name: str, notify: runner.Notify) -> runner.Reencryptor:
+        return runner.Reencryptor(
             name,
             objects_api=objects_api,
             probe=probe,

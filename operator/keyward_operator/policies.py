@@ -12,7 +12,8 @@ import datetime
 from collections.abc import Mapping
 from typing import Any
 
-from keyward_operator import durations, resourcenames
+from keyward_operator import durations
+from keyward_operator.reencryption import resourcenames
 
 DEFAULT_RATE = 200.0  # objects per second a re-encryption rewrites, unless the policy says otherwise
 MAX_RATE = 10000.0

@@ -21,7 +21,8 @@ from typing import Any, Protocol
 from keyward.hsm import errors
 from keyward.hsm.manifests import Manifest
 from keyward.hsm.store import KeyStore, utcnow
-from keyward_operator import conditions, decisions, policies, reencryption, retirement, times
+from keyward_operator import conditions, decisions, policies, retirement, times
+from keyward_operator.reencryption import record
 
 _log = logging.getLogger("keyward.operator")
 OPERATOR_ACTOR = "operator:keyward"
@@ -119,14 +120,14 @@ class Reconciler:
             plan = decisions.version_plan(now=now, manifest=manifest, policy=policy, desired=desired)
             manifest = self._apply(name, manifest, plan=plan, policy=policy, outcome=outcome, now=now)
             raw = status.get("reencryption") or {}
-            run = reencryption.Run.from_status(raw)
+            run = record.Run.from_status(raw)
             retire = retirement.plan(
                 now=now,
                 manifest=manifest,
                 policy=policy,
                 desired=desired,
                 run=run,
-                succeeded=reencryption.Succeeded.from_status(raw.get("lastSucceeded")),
+                succeeded=record.Succeeded.from_status(raw.get("lastSucceeded")),
             )
             manifest = self._retire(name, manifest, retire, outcome)
         except errors.StoreError as exc:
@@ -156,7 +157,7 @@ class Reconciler:
         ]
         if outcome.request_condition is not None:
             updates.append(outcome.request_condition)
-        reencrypted = reencryption.condition(
+        reencrypted = record.condition(
             run,
             primary_version=manifest.primary,
             primary_key_id=primary.key_id if primary else None,

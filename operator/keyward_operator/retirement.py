@@ -17,7 +17,8 @@ import datetime
 from collections.abc import Mapping
 
 from keyward.hsm.manifests import Manifest, State, Version
-from keyward_operator import policies, reencryption, times
+from keyward_operator import policies, times
+from keyward_operator.reencryption import record
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,8 +44,8 @@ def plan(
     manifest: Manifest,
     policy: policies.Policy,
     desired: Mapping[int, str],
-    run: reencryption.Run | None,
-    succeeded: reencryption.Succeeded | None,
+    run: record.Run | None,
+    succeeded: record.Succeeded | None,
 ) -> Retirement:
     waiting = [
         v
@@ -91,21 +92,20 @@ def plan(
     )
 
 
-def _why_not_reencrypted(v: Version, run: reencryption.Run | None) -> tuple[str, str]:
+def _why_not_reencrypted(v: Version, run: record.Run | None) -> tuple[str, str]:
     prefix = f"version {v.version} may still protect data"
     if run is None or run.target_version <= v.version:
         return "ReencryptionPending", f"{prefix}: no re-encryption to a later version has run yet"
-    if run.phase == reencryption.FAILED:
+    if run.phase == record.FAILED:
         first = f", e.g. {run.failed_objects[0]}" if run.failed_objects else ""
         return (
             "ReencryptionFailed",
             f"{prefix}: the re-encryption to version {run.target_version} failed for "
             f"{run.total('failures')} object(s){first}; fix them and run `keyward reencrypt`",
         )
-    if run.phase == reencryption.WAITING:
+    if run.phase == record.WAITING:
         return "WaitingForAdoption", f"{prefix}: {run.message}"
     return (
         "ReencryptionInProgress",
-        f"{prefix}: the re-encryption to version {run.target_version} is running "
-        f"({reencryption.summary(run)})",
+        f"{prefix}: the re-encryption to version {run.target_version} is running ({record.summary(run)})",
     )

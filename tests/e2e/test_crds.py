@@ -42,6 +42,7 @@ DEFAULT_POLICY_SPEC = {
     "minimumRotationInterval": "1h",
     "decryptOnlyPeriod": "7d",
     "destructionWindow": "30d",
+    "reencryption": {"resources": ["secrets"], "objectsPerSecond": 200},
 }
 NAME_MESSAGE = (
     "metadata.name must be a DNS-1123 label of at most 63 characters (lowercase letters, digits and '-', "
@@ -206,7 +207,8 @@ def test_every_duration_in_the_documented_format_is_accepted(api: Api) -> None:
         "destroyAfterDisabled": "20s",
         "destructionWindow": "1d2h3m4s",
     }
-    assert api.create(policy("all-formats", spec))["spec"] == spec
+    defaults = {"reencryption": DEFAULT_POLICY_SPEC["reencryption"]}
+    assert api.create(policy("all-formats", spec))["spec"] == {**spec, **defaults}
 
 
 def test_a_63_character_key_name_is_accepted(api: Api) -> None:
@@ -426,7 +428,7 @@ def test_kubectl_get_shows_the_printer_columns_and_the_short_names_work(api: Api
     api.patch(EK, name, {"status": status}, status=True)
 
     header, row = table(api.kubectl("get", "encryptionkeys", name))
-    assert header == ["NAME", "PRIMARY", "READY", "LAST ROTATION", "NEXT ROTATION", "AGE"]
+    assert header == ["NAME", "PRIMARY", "READY", "LAST ROTATION", "NEXT ROTATION", "REENCRYPTED", "AGE"]
     cells = dict(zip(header, row, strict=True))
     assert cells["PRIMARY"] == "4"
     assert cells["READY"] == "True"
@@ -434,7 +436,16 @@ def test_kubectl_get_shows_the_printer_columns_and_the_short_names_work(api: Api
     assert key_id not in " ".join(row)
 
     header, row = table(api.kubectl("get", "encryptionkeys", name, "-o", "wide"))
-    assert header == ["NAME", "PRIMARY", "READY", "LAST ROTATION", "NEXT ROTATION", "AGE", "KEY ID"]
+    assert header == [
+        "NAME",
+        "PRIMARY",
+        "READY",
+        "LAST ROTATION",
+        "NEXT ROTATION",
+        "REENCRYPTED",
+        "AGE",
+        "KEY ID",
+    ]
     assert row[-1] == key_id
 
     assert table(api.kubectl("get", "ek", name))[1][0] == name

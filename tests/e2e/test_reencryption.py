@@ -165,6 +165,19 @@ def audit(c: OperatorCluster) -> dict[str, int]:
     return counts
 
 
+def reencrypt(c: OperatorCluster) -> str:
+    """`keyward reencrypt secrets`, as an admin would run it; returns what it printed."""
+    out = subprocess.run(
+        [str(KEYWARD), "reencrypt", "secrets"],
+        env={**os.environ, "KUBECONFIG": str(c.apiserver.kubeconfig)},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
 def assert_counts_add_up(r: dict[str, Any]) -> None:
     parts = sum(r[k] for k in ("rewritten", "unchanged", "conflicts", "deleted", "failures"))
     assert parts == r["seen"], r
@@ -365,14 +378,7 @@ def test_an_object_that_keeps_failing_blocks_retirement_until_a_requested_run_su
         timeout=30,
         what="the admission policy to be gone",
     )
-    reencrypt = subprocess.run(
-        [str(KEYWARD), "reencrypt", "secrets"],
-        env={**os.environ, "KUBECONFIG": str(c.apiserver.kubeconfig)},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert reencrypt.returncode == 0, reencrypt.stderr
+    reencrypt(c)
     wait_for(lambda: run(c).get("trigger") == "Requested", timeout=30, what="the requested run")
     r = wait_phase(c, v5, "Succeeded", timeout=90)
     assert r["failures"] == 0
@@ -408,17 +414,11 @@ def test_secrets_written_before_encryption_was_turned_on_are_encrypted_by_a_requ
 
     primary = str(status(c)["primaryKeyID"])
     before = run(c).get("request")
-    out = subprocess.run(
-        [str(KEYWARD), "reencrypt", "secrets"],
-        env={**os.environ, "KUBECONFIG": str(c.apiserver.kubeconfig)},
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    out = reencrypt(c)
     wait_for(
         lambda: run(c).get("trigger") == "Requested" and run(c).get("request") != before,
         timeout=30,
-        what=f"the requested run to start ({out.stdout})",
+        what=f"the requested run to start ({out})",
     )
     r = wait_phase(c, primary, "Succeeded", timeout=60)
     assert r["trigger"] == "Requested" and r["rewritten"] >= 30, r
@@ -433,7 +433,8 @@ def test_an_expired_continue_token_resumes_where_etcd_allows_and_nothing_is_skip
     """The operator was down past a compaction and the apiserver restarted: its saved token is stale."""
     from kubernetes import config
 
-    from keyward_operator import kubehttp, objects, reencryption, rewriting
+    from keyward_operator import kubehttp
+    from keyward_operator.reencryption import objects, record, rewriting
 
     api = objects.Objects(kubehttp.KubeHttp(config.new_client_from_config(str(c.apiserver.kubeconfig))))
     secrets = api.resolve("secrets")
@@ -446,9 +447,9 @@ def test_an_expired_continue_token_resumes_where_etcd_allows_and_nothing_is_skip
     with pytest.raises(objects.ContinueExpired) as expired:
         api.list_page(secrets, limit=50, continue_token=first.continue_token)
 
-    progress = reencryption.ResourceProgress("secrets", continue_token=first.continue_token)
-    a_run = reencryption.Run(
-        2, "k/v2/x", "Rotation", reencryption.RUNNING, requested_at=datetime.datetime.now(datetime.UTC)
+    progress = record.ResourceProgress("secrets", continue_token=first.continue_token)
+    a_run = record.Run(
+        2, "k/v2/x", "Rotation", record.RUNNING, requested_at=datetime.datetime.now(datetime.UTC)
     )
     a_run.resources = [progress]
     pages: list[int] = []

@@ -7,7 +7,8 @@ import datetime
 import pytest
 
 from keyward.hsm import manifests
-from keyward_operator import adoption, policies, ratelimit, reencryption, resourcenames, retirement
+from keyward_operator import policies, retirement
+from keyward_operator.reencryption import adoption, ratelimit, record, resourcenames
 
 T0 = datetime.datetime(2026, 12, 1, tzinfo=datetime.UTC)
 HOUR = datetime.timedelta(hours=1)
@@ -23,8 +24,8 @@ def key(count: int, *, step: datetime.timedelta = HOUR) -> manifests.Manifest:
     return m
 
 
-def a_run(target: int, phase: str, **kw: object) -> reencryption.Run:
-    return reencryption.Run(
+def a_run(target: int, phase: str, **kw: object) -> record.Run:
+    return record.Run(
         target_version=target,
         target_key_id=f"k/v{target}/x",
         trigger="Rotation",
@@ -34,10 +35,8 @@ def a_run(target: int, phase: str, **kw: object) -> reencryption.Run:
     )
 
 
-def start(
-    run: reencryption.Run | None, *, primary: int = 2, requested: str | None = None, handled=None, now=T0
-):
-    return reencryption.next_start(
+def start(run: record.Run | None, *, primary: int = 2, requested: str | None = None, handled=None, now=T0):
+    return record.next_start(
         now=now,
         primary_version=primary,
         primary_key_id=f"k/v{primary}/x",
@@ -51,51 +50,49 @@ def start(
 def test_a_new_primary_starts_a_run_and_an_active_run_for_it_continues():
     assert start(None, primary=1) is None, "a key with one version has nothing older to move away from"
     assert start(None, primary=2).trigger == "Rotation"
-    assert start(a_run(2, reencryption.RUNNING)) is None
-    assert start(a_run(2, reencryption.SUCCEEDED)) is None
-    assert start(a_run(2, reencryption.RUNNING), primary=3).trigger == "Rotation", "a newer primary wins"
+    assert start(a_run(2, record.RUNNING)) is None
+    assert start(a_run(2, record.SUCCEEDED)) is None
+    assert start(a_run(2, record.RUNNING), primary=3).trigger == "Rotation", "a newer primary wins"
 
 
 def test_a_request_starts_a_run_once_and_a_failed_run_is_retried_after_its_backoff():
-    s = start(a_run(2, reencryption.SUCCEEDED), requested="r1")
+    s = start(a_run(2, record.SUCCEEDED), requested="r1")
     assert s is not None and (s.trigger, s.request) == ("Requested", "r1")
-    assert start(a_run(2, reencryption.SUCCEEDED), requested="r1", handled="r1") is None
+    assert start(a_run(2, record.SUCCEEDED), requested="r1", handled="r1") is None
     assert start(None, primary=1, requested="r2").trigger == "Requested", "plaintext clusters ask at v1"
-    failed = a_run(2, reencryption.FAILED, finished_at=T0)
+    failed = a_run(2, record.FAILED, finished_at=T0)
     assert start(failed, now=T0 + datetime.timedelta(minutes=9)) is None
     assert start(failed, now=T0 + datetime.timedelta(minutes=10)).trigger == "Retry"
 
 
 def test_a_run_survives_the_round_trip_through_the_status():
-    run = a_run(3, reencryption.RUNNING, started_at=T0 + HOUR)
+    run = a_run(3, record.RUNNING, started_at=T0 + HOUR)
     run.resources = [
-        reencryption.ResourceProgress("secrets", seen=500, rewritten=480, conflicts=20, continue_token="tok"),
-        reencryption.ResourceProgress("configmaps", done=True, seen=3, unchanged=3),
+        record.ResourceProgress("secrets", seen=500, rewritten=480, conflicts=20, continue_token="tok"),
+        record.ResourceProgress("configmaps", done=True, seen=3, unchanged=3),
     ]
     run.note_failure("secrets a/b: HTTP 422: nope")
     raw = run.to_status()
     assert raw["seen"] == 503 and raw["rewritten"] == 480 and raw["resources"][0]["continue"] == "tok"
-    back = reencryption.Run.from_status(raw)
+    back = record.Run.from_status(raw)
     assert back == run
-    assert reencryption.Run.from_status({}) is None
+    assert record.Run.from_status({}) is None
     for _ in range(20):
         run.note_failure("x")
-    assert len(run.failed_objects) == reencryption.MAX_FAILED_OBJECTS
+    assert len(run.failed_objects) == record.MAX_FAILED_OBJECTS
 
 
 def test_the_reencrypted_condition_speaks_of_the_current_primary():
     name = "k"
-    ok, reason, message = reencryption.condition(None, primary_version=1, primary_key_id="k/v1/x", name=name)
+    ok, reason, message = record.condition(None, primary_version=1, primary_key_id="k/v1/x", name=name)
     assert (ok, reason) == (None, "NotRequested") and "keyward reencrypt k" in message
-    done = a_run(2, reencryption.SUCCEEDED, started_at=T0, finished_at=T0)
-    assert reencryption.condition(done, primary_version=2, primary_key_id="k/v2/x", name=name)[0] is True
-    ok, reason, _ = reencryption.condition(done, primary_version=3, primary_key_id="k/v3/x", name=name)
+    done = a_run(2, record.SUCCEEDED, started_at=T0, finished_at=T0)
+    assert record.condition(done, primary_version=2, primary_key_id="k/v2/x", name=name)[0] is True
+    ok, reason, _ = record.condition(done, primary_version=3, primary_key_id="k/v3/x", name=name)
     assert (ok, reason) == (False, "Pending"), "a finished run for an older primary does not count"
-    failed = a_run(2, reencryption.FAILED, message="1 object(s) could not be rewritten")
+    failed = a_run(2, record.FAILED, message="1 object(s) could not be rewritten")
     failed.failed_objects.append("secrets a/b: HTTP 422")
-    ok, reason, message = reencryption.condition(
-        failed, primary_version=2, primary_key_id="k/v2/x", name=name
-    )
+    ok, reason, message = record.condition(failed, primary_version=2, primary_key_id="k/v2/x", name=name)
     assert (ok, reason) == (False, "ReencryptionFailed") and "a/b" in message
 
 
@@ -115,19 +112,19 @@ def test_a_version_retires_only_after_a_successful_run_to_a_later_version_and_it
     late = T0 + 3 * HOUR
     blocked = retire(m, now=late)
     assert blocked.disable == () and (blocked.ok, blocked.reason) == (False, "ReencryptionPending")
-    failed = a_run(2, reencryption.FAILED, failed_objects=["secrets a/b: HTTP 422: no"])
+    failed = a_run(2, record.FAILED, failed_objects=["secrets a/b: HTTP 422: no"])
     blocked = retire(m, run=failed, now=late)
     assert blocked.reason == "ReencryptionFailed" and "a/b" in blocked.message
-    waiting = retire(m, run=a_run(2, reencryption.WAITING, message="1 of 2 apiservers"), now=late)
+    waiting = retire(m, run=a_run(2, record.WAITING, message="1 of 2 apiservers"), now=late)
     assert waiting.reason == "WaitingForAdoption" and waiting.disable == ()
 
-    ok = reencryption.Succeeded(2, T0 + HOUR, T0 + 2 * HOUR)  # finished an hour after it started
+    ok = record.Succeeded(2, T0 + HOUR, T0 + 2 * HOUR)  # finished an hour after it started
     early = retire(m, succeeded=ok, now=T0 + 2 * HOUR + datetime.timedelta(minutes=59))
     assert early.disable == () and early.reason == "DecryptOnlyPeriod" and early.wake_at == T0 + 3 * HOUR
     due = retire(m, succeeded=ok, now=T0 + 3 * HOUR)
     assert due.disable == (1,) and due.ok
 
-    assert retire(m, succeeded=reencryption.Succeeded(1, T0, T0), now=late).disable == (), (
+    assert retire(m, succeeded=record.Succeeded(1, T0, T0), now=late).disable == (), (
         "a run to the same version proves nothing"
     )
     assert retire(m, succeeded=ok, now=late, desired={1: "Enabled"}).disable == (), "spec.versions wins"

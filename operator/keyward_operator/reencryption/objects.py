@@ -13,8 +13,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from keyward_operator import kubehttp, resourcenames
-from keyward_operator.resourcenames import ResourceError
+from keyward_operator import kubehttp
+from keyward_operator.reencryption import resourcenames
+from keyward_operator.reencryption.resourcenames import ResourceError
 
 
 class ContinueExpired(Exception):

@@ -1,6 +1,6 @@
 """Drives the re-encryption of one EncryptionKey, one step at a time, for the key's Kopf daemon.
 
-Each step: decide whether a new run begins (``reencryption.next_start``); while waiting, ask whether every
+Each step: decide whether a new run begins (``record.next_start``); while waiting, ask whether every
 apiserver has adopted the target (``adoption``); then rewrite (``rewriting``), persisting the run to
 ``status.reencryption`` after every page. The reconciler reads that record to set the ``Reencrypted`` and
 ``VersionsRetired`` conditions and to retire old versions; this module never touches the HSM.
@@ -18,16 +18,8 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-from keyward_operator import (
-    adoption,
-    kubehttp,
-    objects,
-    policies,
-    reencryption,
-    resourcenames,
-    rewriting,
-    times,
-)
+from keyward_operator import kubehttp, policies, times
+from keyward_operator.reencryption import adoption, objects, record, resourcenames, rewriting
 
 _log = logging.getLogger("keyward.operator")
 
@@ -52,7 +44,7 @@ class KeyView:
             primary_version=None if primary is None else int(primary),
             primary_key_id=status.get("primaryKeyID") or None,
             policy_ref=(spec.get("rotationPolicyRef") or {}).get("name") or None,
-            requested=(meta.get("annotations") or {}).get(reencryption.REENCRYPT_ANNOTATION) or None,
+            requested=(meta.get("annotations") or {}).get(record.REENCRYPT_ANNOTATION) or None,
             status=status.get("reencryption") or {},
         )
 
@@ -116,8 +108,8 @@ class Reencryptor:
         self.poll = poll
         self.workers = workers
         self.page_size = page_size
-        self.run: reencryption.Run | None = None
-        self.succeeded: reencryption.Succeeded | None = None
+        self.run: record.Run | None = None
+        self.succeeded: record.Succeeded | None = None
         self.handled: str | None = None
         self._loaded = False
 
@@ -138,14 +130,14 @@ class Reencryptor:
     def _step(self, current: Callable[[], KeyView], should_stop: Callable[[], bool]) -> float:
         view = current()
         if not self._loaded:
-            self.run = reencryption.Run.from_status(view.status)
-            self.succeeded = reencryption.Succeeded.from_status(view.status.get("lastSucceeded"))
+            self.run = record.Run.from_status(view.status)
+            self.succeeded = record.Succeeded.from_status(view.status.get("lastSucceeded"))
             self.handled = view.status.get("lastHandledRequest") or None
             self._loaded = True
-            if self.run is not None and self.run.phase in reencryption.ACTIVE:
+            if self.run is not None and self.run.phase in record.ACTIVE:
                 fields = {"key": self.name, "phase": self.run.phase, "seen": self.run.total("seen")}
                 _log.info("reencrypt.resumed", extra={"fields": fields})
-        start = reencryption.next_start(
+        start = record.next_start(
             now=self.clock(),
             primary_version=view.primary_version,
             primary_key_id=view.primary_key_id,
@@ -156,7 +148,7 @@ class Reencryptor:
         )
         if start is not None:
             assert view.primary_version is not None and view.primary_key_id is not None
-            self.run = reencryption.new_run(
+            self.run = record.new_run(
                 start,
                 target_version=view.primary_version,
                 target_key_id=view.primary_key_id,
@@ -167,13 +159,13 @@ class Reencryptor:
             self._save()
             _log.info("reencrypt.pending", extra={"fields": {"key": self.name, "why": start.message}})
         run = self.run
-        if run is None or run.phase not in reencryption.ACTIVE:
+        if run is None or run.phase not in record.ACTIVE:
             return self.poll
-        if run.phase == reencryption.WAITING and not self._begin(run, view):
+        if run.phase == record.WAITING and not self._begin(run, view):
             return self.poll
         return self._rewrite(run, current, should_stop)
 
-    def _begin(self, run: reencryption.Run, view: KeyView) -> bool:
+    def _begin(self, run: record.Run, view: KeyView) -> bool:
         """Moves a waiting run to Running once every apiserver has adopted its target."""
         found = self.probe.check(run.target_key_id)
         if not found.adopted:
@@ -194,9 +186,9 @@ class Reencryptor:
             return False
         # The apiserver records the new key_id, then switches its DEK to it: give that a moment.
         time.sleep(self.settle)
-        run.phase = reencryption.RUNNING
+        run.phase = record.RUNNING
         run.started_at = self.clock()
-        run.resources = [reencryption.ResourceProgress(r) for r in policy.reencrypt_resources]
+        run.resources = [record.ResourceProgress(r) for r in policy.reencrypt_resources]
         run.message = f"{found.message}; rewriting {', '.join(policy.reencrypt_resources)}"
         self._save()
         self.notify(
@@ -208,7 +200,7 @@ class Reencryptor:
         return True
 
     def _rewrite(
-        self, run: reencryption.Run, current: Callable[[], KeyView], should_stop: Callable[[], bool]
+        self, run: record.Run, current: Callable[[], KeyView], should_stop: Callable[[], bool]
     ) -> float:
         try:
             rate = self.load_policy(current().policy_ref).reencrypt_rate
@@ -242,22 +234,22 @@ class Reencryptor:
         )
         return self.poll
 
-    def _finish(self, run: reencryption.Run, problem: str) -> None:
+    def _finish(self, run: record.Run, problem: str) -> None:
         run.finished_at = self.clock()
         if run.started_at is not None:
             run.duration_seconds = round((run.finished_at - run.started_at).total_seconds(), 2)
         if problem:
             retry = times.rfc3339(run.finished_at + self.retry_after)
-            run.phase = reencryption.FAILED
+            run.phase = record.FAILED
             run.message = (
                 f"{problem}; fix them, then run `keyward reencrypt {self.name}` (retried at {retry})"
             )
-            self.notify("Warning", "ReencryptionFailed", f"{run.message}: {reencryption.summary(run)}")
+            self.notify("Warning", "ReencryptionFailed", f"{run.message}: {record.summary(run)}")
         else:
             assert run.started_at is not None
-            run.phase = reencryption.SUCCEEDED
-            run.message = reencryption.summary(run)
-            self.succeeded = reencryption.Succeeded(run.target_version, run.started_at, run.finished_at)
+            run.phase = record.SUCCEEDED
+            run.message = record.summary(run)
+            self.succeeded = record.Succeeded(run.target_version, run.started_at, run.finished_at)
             self.notify(
                 "Normal",
                 "ReencryptionFinished",
@@ -265,7 +257,7 @@ class Reencryptor:
                 f"{run.message}",
             )
         self._save()
-        fields = {"key": self.name, "phase": run.phase, **{c: run.total(c) for c in reencryption.COUNTS}}
+        fields = {"key": self.name, "phase": run.phase, **{c: run.total(c) for c in record.COUNTS}}
         _log.info("reencrypt.finished", extra={"fields": fields})
 
     def _save(self) -> None:

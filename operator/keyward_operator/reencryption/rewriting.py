@@ -20,7 +20,8 @@ import logging
 import time
 from collections.abc import Callable
 
-from keyward_operator import kubehttp, objects, ratelimit, reencryption
+from keyward_operator import kubehttp
+from keyward_operator.reencryption import objects, ratelimit, record
 
 _log = logging.getLogger("keyward.operator")
 # 403 too: an apiserver that just started refuses requests until its RBAC cache has filled.
@@ -57,7 +58,7 @@ class Rewriter:
 
     def run(
         self,
-        run: reencryption.Run,
+        run: record.Run,
         *,
         should_stop: Callable[[], bool],
         on_page: Callable[[], None],
@@ -96,9 +97,7 @@ class Rewriter:
                     progress.done = page.continue_token is None
                     on_page()
 
-    def _page(
-        self, rtype: objects.ResourceType, progress: reencryption.ResourceProgress
-    ) -> objects.Page | None:
+    def _page(self, rtype: objects.ResourceType, progress: record.ResourceProgress) -> objects.Page | None:
         for attempt in range(self.attempts):
             try:
                 return self.objects.list_page(
