@@ -95,8 +95,9 @@ up() {
   kubectl wait --for=condition=Ready encryptionkey/secrets --timeout=180s
 
   log "re-encrypting the Secrets written before encryption was on"
-  # Until `keyward reencrypt secrets` lands: a replace re-writes each Secret, so the apiserver encrypts it.
-  kubectl get secrets --all-namespaces -o json | kubectl replace -f - >/dev/null
+  "$PY" -m keyward.cli.main reencrypt secrets
+  wait_until 300 "the re-encryption to finish" \
+    sh -c '[ "$(kubectl get encryptionkey secrets -o jsonpath={.status.reencryption.phase})" = Succeeded ]'
 
   kubectl create secret generic keyward-kind-check --from-literal=k=v >/dev/null
   prefix="$(in_node sh -c 'ETCDCTL_API=3 crictl exec $(crictl ps -q --name etcd) etcdctl \

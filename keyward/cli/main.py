@@ -43,11 +43,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     operator_main.add_arguments(osub.add_parser("run", help="run the operator (needs KUBECONFIG or a pod)"))
 
-    rotate = sub.add_parser("rotate", help="ask the operator to rotate an EncryptionKey now")
+    rotate = sub.add_parser(
+        "rotate",
+        help="ask the operator to rotate an EncryptionKey now",
+        description="Ask the operator for a rotation (annotation keyward.io/rotate-requested-at), within the "
+        "key's RotationPolicy: a request inside minimumRotationInterval waits, as the RotationRequestHandled "
+        "condition says. `keyward keys rotate` rotates in the HSM directly, bypassing the policy.",
+    )
     rotate.add_argument("name")
     reencrypt = sub.add_parser(
         "reencrypt",
         help="ask the operator to rewrite every object under an EncryptionKey's primary version now",
+        description="Ask the operator for a re-encryption (annotation keyward.io/reencrypt-requested-at): "
+        "once every apiserver uses the key's primary version, each object of the policy's "
+        "spec.reencryption.resources is written again, which encrypts plaintext objects and moves old ones "
+        "to the primary. Progress: kubectl get encryptionkey NAME -o jsonpath='{.status.reencryption}'.",
     )
     reencrypt.add_argument("name")
 

@@ -97,11 +97,9 @@ def _why_not_reencrypted(v: Version, run: record.Run | None) -> tuple[str, str]:
     if run is None or run.target_version <= v.version:
         return "ReencryptionPending", f"{prefix}: no re-encryption to a later version has run yet"
     if run.phase == record.FAILED:
-        first = f", e.g. {run.failed_objects[0]}" if run.failed_objects else ""
         return (
             "ReencryptionFailed",
-            f"{prefix}: the re-encryption to version {run.target_version} failed for "
-            f"{run.total('failures')} object(s){first}; fix them and run `keyward reencrypt`",
+            f"{prefix}: the re-encryption to version {run.target_version} failed: {run.message}",
         )
     if run.phase == record.WAITING:
         return "WaitingForAdoption", f"{prefix}: {run.message}"

@@ -90,8 +90,9 @@ def test_the_reencrypted_condition_speaks_of_the_current_primary():
     assert record.condition(done, primary_version=2, primary_key_id="k/v2/x", name=name)[0] is True
     ok, reason, _ = record.condition(done, primary_version=3, primary_key_id="k/v3/x", name=name)
     assert (ok, reason) == (False, "Pending"), "a finished run for an older primary does not count"
-    failed = a_run(2, record.FAILED, message="1 object(s) could not be rewritten")
-    failed.failed_objects.append("secrets a/b: HTTP 422")
+    failed = a_run(
+        2, record.FAILED, message="1 object(s) could not be rewritten (first: secrets a/b: HTTP 422)"
+    )
     ok, reason, message = record.condition(failed, primary_version=2, primary_key_id="k/v2/x", name=name)
     assert (ok, reason) == (False, "ReencryptionFailed") and "a/b" in message
 
@@ -112,7 +113,9 @@ def test_a_version_retires_only_after_a_successful_run_to_a_later_version_and_it
     late = T0 + 3 * HOUR
     blocked = retire(m, now=late)
     assert blocked.disable == () and (blocked.ok, blocked.reason) == (False, "ReencryptionPending")
-    failed = a_run(2, record.FAILED, failed_objects=["secrets a/b: HTTP 422: no"])
+    failed = a_run(
+        2, record.FAILED, message="1 object(s) could not be rewritten (first: secrets a/b: HTTP 422)"
+    )
     blocked = retire(m, run=failed, now=late)
     assert blocked.reason == "ReencryptionFailed" and "a/b" in blocked.message
     waiting = retire(m, run=a_run(2, record.WAITING, message="1 of 2 apiservers"), now=late)
@@ -194,3 +197,16 @@ def test_the_rate_limiter_spaces_writes_to_the_rate():
     assert now[0] == pytest.approx(1.0), "11 writes at 10/s with a burst of 1 take one second"
     with pytest.raises(ValueError):
         ratelimit.RateLimiter(0)
+
+
+def test_the_summary_counts_in_words_and_warns_about_resources_nothing_was_rewritten_in():
+    run = a_run(2, record.SUCCEEDED)
+    run.resources = [
+        record.ResourceProgress("secrets", seen=10, rewritten=9, conflicts=1),
+        record.ResourceProgress("configmaps", seen=5, unchanged=5),
+    ]
+    assert record.summary(run) == "secrets, configmaps: 15 seen, 9 rewritten, 5 unchanged, 1 conflict"
+    note = record.untouched_note(run)
+    assert "configmaps" in note and "secrets" not in note.split("audit")[0]
+    run.trigger = "Requested"
+    assert record.untouched_note(run) == "", "a requested run may legitimately find everything current"

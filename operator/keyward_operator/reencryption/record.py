@@ -191,13 +191,37 @@ def new_run(start: Start, *, target_version: int, target_key_id: str, now: datet
     )
 
 
+_SINGULAR = {"conflicts": "conflict", "failures": "failure"}
+
+
 def summary(run: Run) -> str:
-    parts = [f"{run.total('seen')} seen", f"{run.total('rewritten')} rewritten"]
-    parts += [
-        f"{run.total(c)} {c}" for c in ("unchanged", "conflicts", "deleted", "failures") if run.total(c)
-    ]
+    def count(name: str) -> str:
+        n = run.total(name)
+        return f"{n} {_SINGULAR.get(name, name) if n == 1 else name}"
+
+    parts = [count("seen"), count("rewritten")]
+    parts += [count(c) for c in ("unchanged", "conflicts", "deleted", "failures") if run.total(c)]
     resources = ", ".join(r.resource for r in run.resources)
     return f"{resources}: " + ", ".join(parts)
+
+
+def untouched_note(run: Run) -> str:
+    """A warning for resources of which a rotation's run rewrote nothing: probably not encrypted by this key.
+
+    The operator cannot see how an object is stored; "unchanged" means the apiserver had nothing to write,
+    which is also what happens to a resource the EncryptionConfiguration does not send to this key.
+    """
+    if run.trigger != "Rotation":
+        return ""
+    idle = [r.resource for r in run.resources if r.seen and r.unchanged == r.seen]
+    if not idle:
+        return ""
+    names = ", ".join(idle)
+    return (
+        f"; note: no object of {names} needed a rewrite after the rotation: if the apiserver does not "
+        f"encrypt {names} with this key, remove it from spec.reencryption.resources "
+        f"(`keyward audit --resource {idle[0]}` shows how it is stored)"
+    )
 
 
 def condition(
@@ -225,7 +249,7 @@ def condition(
         FAILED: (
             False,
             "ReencryptionFailed",
-            run.message + (f" (first: {run.failed_objects[0]})" if run.failed_objects else ""),
+            run.message,
         ),
     }
     return by_phase.get(

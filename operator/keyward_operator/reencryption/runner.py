@@ -218,17 +218,19 @@ class Reencryptor:
         except objects.ListError as exc:
             if exc.transient:
                 raise TransientError(str(exc)) from None
-            run.failed_objects.append(str(exc)[:300])
-            self._finish(run, f"the re-encryption stopped: {exc}")
+            self._finish(run, f"the re-encryption stopped: {exc}; fix this")
             return self.poll
         except resourcenames.ResourceError as exc:
-            run.failed_objects.append(str(exc)[:300])
-            self._finish(run, f"the re-encryption stopped: {exc}")
+            self._finish(
+                run, f"the re-encryption stopped: {exc}; fix the policy's spec.reencryption.resources"
+            )
             return self.poll
         failures = run.total("failures")
+        first = f" (first: {run.failed_objects[0]})" if run.failed_objects else ""
         self._finish(
             run,
-            f"{failures} object(s) could not be rewritten and may still be under an older version"
+            f"{failures} object(s) could not be rewritten{first} and may still be under an older version; "
+            "fix them"
             if failures
             else "",
         )
@@ -241,15 +243,15 @@ class Reencryptor:
         if problem:
             retry = times.rfc3339(run.finished_at + self.retry_after)
             run.phase = record.FAILED
-            run.message = (
-                f"{problem}; fix them, then run `keyward reencrypt {self.name}` (retried at {retry})"
-            )
+            run.message = f"{problem}, then run `keyward reencrypt {self.name}` (retried at {retry})"
             self.notify("Warning", "ReencryptionFailed", f"{run.message}: {record.summary(run)}")
         else:
             assert run.started_at is not None
             run.phase = record.SUCCEEDED
-            run.message = record.summary(run)
-            self.succeeded = record.Succeeded(run.target_version, run.started_at, run.finished_at)
+            run.message = record.summary(run) + record.untouched_note(run)
+            # A later run to the same version (a requested no-op) does not restart the decrypt-only clock.
+            if self.succeeded is None or self.succeeded.target_version < run.target_version:
+                self.succeeded = record.Succeeded(run.target_version, run.started_at, run.finished_at)
             self.notify(
                 "Normal",
                 "ReencryptionFinished",
@@ -262,9 +264,9 @@ class Reencryptor:
 
     def _save(self) -> None:
         assert self.run is not None
-        record = {
+        entry = {
             **self.run.to_status(),
             "lastSucceeded": None if self.succeeded is None else self.succeeded.to_status(),
             "lastHandledRequest": self.handled,
         }
-        self.writer.write(self.name, record)
+        self.writer.write(self.name, entry)
