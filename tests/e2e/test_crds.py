@@ -422,7 +422,14 @@ def test_kubectl_get_shows_the_printer_columns_and_the_short_names_work(api: Api
                 "reason": "KeyReady",
                 "message": "version 4 is the primary",
                 "lastTransitionTime": "2026-01-01T00:00:00Z",
-            }
+            },
+            {
+                "type": "Reencrypted",
+                "status": "False",
+                "reason": "InProgress",
+                "message": "rewriting",
+                "lastTransitionTime": "2026-01-01T00:00:00Z",
+            },
         ],
     }
     api.patch(EK, name, {"status": status}, status=True)
@@ -432,6 +439,7 @@ def test_kubectl_get_shows_the_printer_columns_and_the_short_names_work(api: Api
     cells = dict(zip(header, row, strict=True))
     assert cells["PRIMARY"] == "4"
     assert cells["READY"] == "True"
+    assert cells["REENCRYPTED"] == "False"
     assert cells["NEXT ROTATION"] == "2099-01-01T00:00:00Z"  # a date column would print "<invalid>"
     assert key_id not in " ".join(row)
 
