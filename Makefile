@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STATE ?= $(CURDIR)/.local/cluster
 
-.PHONY: help bootstrap up down env demo test lint typecheck unit e2e bench protos chart manifests
+.PHONY: help bootstrap up down env demo test lint typecheck unit e2e bench bench-reencrypt protos chart manifests
 
 help:
 	@echo "make demo   - from nothing to a Secret encrypted in etcd by the HSM-backed KMS plugin"
@@ -59,3 +59,6 @@ test: lint typecheck
 
 bench: bootstrap
 	$(PY) bench/decrypt_latency.py
+
+bench-reencrypt: bootstrap
+	$(PY) bench/reencrypt_throughput.py
