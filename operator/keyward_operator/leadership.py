@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import urllib3
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
@@ -111,6 +112,8 @@ class LeaderElector:
                     return True
             except ApiException as exc:
                 _log.warning("leadership.error", extra={"fields": {"status": exc.status}})
+            except urllib3.exceptions.HTTPError as exc:  # apiserver unreachable (restarting)
+                _log.warning("leadership.error", extra={"fields": {"why": type(exc).__name__}})
             if not announced:
                 _log.info(
                     "leadership.waiting", extra={"fields": {"identity": self.identity, "lease": self.name}}
@@ -135,6 +138,10 @@ class LeaderElector:
                     return
                 except ApiException as exc:
                     _log.warning("leadership.renew_failed", extra={"fields": {"status": exc.status}})
+                except urllib3.exceptions.HTTPError as exc:
+                    # An unreachable apiserver is a failed renewal, not the end of the thread: a dead
+                    # renewal thread kept acting as leader while another replica took the Lease.
+                    _log.warning("leadership.renew_failed", extra={"fields": {"why": type(exc).__name__}})
                 if _now() - last_ok > datetime.timedelta(seconds=self.lease_seconds - self.renew_every):
                     _log.error("leadership.expired", extra={"fields": {"identity": self.identity}})
                     on_lost()

@@ -294,6 +294,7 @@ OPERATOR_EVERYWHERE = (
     | grants("customresourcedefinitions.apiextensions.k8s.io", "list", "watch")
     | grants("secrets", "list", "patch")
     | grants("", "get", url="/metrics")
+    | grants("", "get", url="/readyz/kms-providers")
 )
 OPERATOR_BY_NAMESPACE = {
     NS: grants("leases.coordination.k8s.io", "create")
@@ -317,6 +318,7 @@ def test_the_operators_service_account_may_do_what_it_needs_and_nothing_more(cha
         ("list", "secrets", None),
         ("patch", "secrets", "team-a"),
         ("get", "/metrics", None),
+        ("get", "/readyz/kms-providers", None),
         ("update", "leases.coordination.k8s.io/keyward-operator", NS),
         ("create", "leases.coordination.k8s.io", NS),
         ("list", "leases.coordination.k8s.io", "kube-system"),

@@ -466,3 +466,27 @@ def test_an_expired_continue_token_resumes_where_etcd_allows_and_nothing_is_skip
     else:
         assert progress.seen == total, "without a restart token it lists everything again"
     assert progress.failures == 0 and progress.seen == progress.rewritten + progress.unchanged
+
+
+def test_a_rotation_run_that_rewrites_nothing_proves_nothing_and_retires_nothing(c):
+    """configmaps are not encrypted here: rewriting them says nothing about where the Secrets are."""
+    c.apply(
+        policy("reencrypt-f", 200, decryptOnlyPeriod="1s").replace(
+            "objectsPerSecond: 200", "objectsPerSecond: 200\n    resources: [configmaps]"
+        )
+    )
+    use_policy(c, "reencrypt-f")
+    c.kubectl("create", "configmap", "plain", "-n", "default", "--from-literal=v=1")
+    old = status(c)["primaryVersion"]
+    new = rotate(c, "f")
+    adopt_now(c, new)
+    r = wait_phase(c, new, "Failed", timeout=90)
+    assert r["rewritten"] == 0 and r["unchanged"] >= 1, r
+    assert "nothing of configmaps was rewritten" in r["message"], r["message"]
+    wait_for(
+        lambda: c.condition("secrets", "VersionsRetired").get("reason") == "ReencryptionFailed",
+        timeout=20,
+        what="the blocked retirement",
+    )
+    time.sleep(3)  # past the 1 s decryptOnlyPeriod
+    assert versions(c)[old] == "Enabled", "a version that still protects every Secret was retired"

@@ -9,7 +9,9 @@ apiservers exist is told by their identity Leases in kube-system (label
 ``apiserver.kubernetes.io/identity=kube-apiserver``), each named by the apiserver's ID.
 
 Metrics are per process: each apiserver endpoint of the ``kubernetes`` Service is scraped, plus the address
-the operator talks to (behind a load balancer, or where the endpoints are not published).
+the operator talks to (behind a load balancer, or where the endpoints are not published). Each must also
+pass ``/readyz/kms-providers``: an apiserver whose switch to the new DEK failed reports the new key_id in
+the metric but keeps encrypting with the old one, and says so only there.
 """
 
 from __future__ import annotations
@@ -155,6 +157,18 @@ class AdoptionProbe:
                 continue
             for apiserver, keys in reported_key_ids(r.data.decode("utf-8", errors="replace")).items():
                 reported.setdefault(apiserver, set()).update(keys)
+            # The apiserver records a new key_id, then switches its DEK to it; if that switch fails it
+            # keeps encrypting with the old key, and says so only here.
+            ready = self.http.request(
+                "GET", "/readyz/kms-providers", host=host, accept="text/plain", timeout=10.0
+            )
+            if ready.status != 200:
+                where = host or self.http.host
+                why = ready.data.decode("utf-8", errors="replace").strip().splitlines()
+                unhealthy = next((line for line in why if line.startswith("[-]")), f"HTTP {ready.status}")
+                return Adoption(
+                    False, len(ids), 0, f"the apiserver at {where} is not ready: {unhealthy[:300]}"
+                )
         return ids, reported, unreachable
 
     def _endpoints(self) -> list[str]:

@@ -205,23 +205,17 @@ def summary(run: Run) -> str:
     return f"{resources}: " + ", ".join(parts)
 
 
-def untouched_note(run: Run) -> str:
-    """A warning for resources of which a rotation's run rewrote nothing: probably not encrypted by this key.
+def untouched(run: Run) -> list[str]:
+    """Resources of which a rotation's run rewrote nothing although it found objects.
 
-    The operator cannot see how an object is stored; "unchanged" means the apiserver had nothing to write,
-    which is also what happens to a resource the EncryptionConfiguration does not send to this key.
+    Right after a rotation every object written before it is stale, so each one is rewritten (or changed
+    by someone meanwhile). "Unchanged" everywhere means the apiserver found nothing stale: it still
+    encrypts with an older version (a failed DEK rotation), or the resource is not encrypted with this key
+    at all. Either way the run proves nothing, and must not let a version retire.
     """
     if run.trigger != "Rotation":
-        return ""
-    idle = [r.resource for r in run.resources if r.seen and r.unchanged == r.seen]
-    if not idle:
-        return ""
-    names = ", ".join(idle)
-    return (
-        f"; note: no object of {names} needed a rewrite after the rotation: if the apiserver does not "
-        f"encrypt {names} with this key, remove it from spec.reencryption.resources "
-        f"(`keyward audit --resource {idle[0]}` shows how it is stored)"
-    )
+        return []
+    return [r.resource for r in run.resources if r.unchanged and not r.rewritten]
 
 
 def condition(

@@ -227,13 +227,22 @@ class Reencryptor:
             return self.poll
         failures = run.total("failures")
         first = f" (first: {run.failed_objects[0]})" if run.failed_objects else ""
-        self._finish(
-            run,
-            f"{failures} object(s) could not be rewritten{first} and may still be under an older version; "
-            "fix them"
-            if failures
-            else "",
-        )
+        idle = ", ".join(record.untouched(run))
+        if failures:
+            problem = (
+                f"{failures} object(s) could not be rewritten{first} and may still be under an older "
+                "version; fix them"
+            )
+        elif idle:
+            problem = (
+                f"nothing of {idle} was rewritten after the rotation, so nothing shows it is under version "
+                f"{run.target_version}: either an apiserver still encrypts with an older version (its "
+                f"/readyz/kms-providers says why), or {idle} is not encrypted with this key (remove it from "
+                "spec.reencryption.resources); `keyward audit` shows which; fix this"
+            )
+        else:
+            problem = ""
+        self._finish(run, problem)
         return self.poll
 
     def _finish(self, run: record.Run, problem: str) -> None:
@@ -248,7 +257,7 @@ class Reencryptor:
         else:
             assert run.started_at is not None
             run.phase = record.SUCCEEDED
-            run.message = record.summary(run) + record.untouched_note(run)
+            run.message = record.summary(run)
             # A later run to the same version (a requested no-op) does not restart the decrypt-only clock.
             if self.succeeded is None or self.succeeded.target_version < run.target_version:
                 self.succeeded = record.Succeeded(run.target_version, run.started_at, run.finished_at)
