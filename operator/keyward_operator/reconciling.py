@@ -318,10 +318,6 @@ def _desired(spec: Mapping[str, Any]) -> dict[int, str]:
     return {int(v["version"]): str(v["state"]) for v in spec.get("versions") or [] if "version" in v}
 
 
-def _ts(value: datetime.datetime | None) -> str | None:
-    return None if value is None else times.rfc3339(value)
-
-
 def _describe(m: Manifest, policy: policies.Policy) -> dict[str, Any]:
     primary = m.primary_version
     versions = []
@@ -330,18 +326,18 @@ def _describe(m: Manifest, policy: policies.Policy) -> dict[str, Any]:
             "version": v.version,
             "keyID": v.key_id,
             "state": v.state.value,
-            "createdAt": _ts(v.created_at),
-            "stateChangedAt": _ts(v.state_changed_at),
+            "createdAt": times.rfc3339_or_none(v.created_at),
+            "stateChangedAt": times.rfc3339_or_none(v.state_changed_at),
         }
         if v.destroy_at:
-            entry["destroyAt"] = _ts(v.destroy_at)
+            entry["destroyAt"] = times.rfc3339_or_none(v.destroy_at)
         if v.destroyed_at:
-            entry["destroyedAt"] = _ts(v.destroyed_at)
+            entry["destroyedAt"] = times.rfc3339_or_none(v.destroyed_at)
         versions.append(entry)
     return {
         "primaryVersion": m.primary,
         "primaryKeyID": None if primary is None else primary.key_id,
         "versions": versions,
-        "lastRotationTime": _ts(decisions.last_rotation(m)),
-        "nextRotationTime": _ts(decisions.next_rotation(m, policy)),
+        "lastRotationTime": times.rfc3339_or_none(decisions.last_rotation(m)),
+        "nextRotationTime": times.rfc3339_or_none(decisions.next_rotation(m, policy)),
     }

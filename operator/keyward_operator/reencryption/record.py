@@ -92,8 +92,8 @@ class Run:
             "request": self.request,
             "phase": self.phase,
             "requestedAt": times.rfc3339(self.requested_at),
-            "startedAt": _ts(self.started_at),
-            "finishedAt": _ts(self.finished_at),
+            "startedAt": times.rfc3339_or_none(self.started_at),
+            "finishedAt": times.rfc3339_or_none(self.finished_at),
             "message": self.message,
             "durationSeconds": self.duration_seconds,
             "resources": [r.to_status() for r in self.resources],
@@ -110,10 +110,11 @@ class Run:
             target_key_id=str(raw["targetKeyID"]),
             trigger=str(raw.get("trigger") or "Rotation"),
             phase=str(raw["phase"]),
-            requested_at=_parse(raw.get("requestedAt")) or datetime.datetime.fromtimestamp(0, datetime.UTC),
+            requested_at=times.parse(raw.get("requestedAt"))
+            or datetime.datetime.fromtimestamp(0, datetime.UTC),
             request=raw.get("request") or None,
-            started_at=_parse(raw.get("startedAt")),
-            finished_at=_parse(raw.get("finishedAt")),
+            started_at=times.parse(raw.get("startedAt")),
+            finished_at=times.parse(raw.get("finishedAt")),
             resources=[ResourceProgress.from_status(r) for r in raw.get("resources") or []],
             failed_objects=[str(f) for f in raw.get("failedObjects") or []],
             message=str(raw.get("message") or ""),
@@ -140,7 +141,7 @@ class Succeeded:
     def from_status(cls, raw: Mapping[str, Any] | None) -> Succeeded | None:
         if not raw:
             return None
-        started, finished = _parse(raw.get("startedAt")), _parse(raw.get("finishedAt"))
+        started, finished = times.parse(raw.get("startedAt")), times.parse(raw.get("finishedAt"))
         if started is None or finished is None or raw.get("targetVersion") is None:
             return None
         return cls(int(raw["targetVersion"]), started, finished)
@@ -238,7 +239,8 @@ def condition(
         RUNNING: (
             False,
             "InProgress",
-            f"rewriting under version {run.target_version} since {_ts(run.started_at)}: {summary(run)}",
+            f"rewriting under version {run.target_version} since "
+            f"{times.rfc3339_or_none(run.started_at)}: {summary(run)}",
         ),
         FAILED: (
             False,
@@ -252,17 +254,6 @@ def condition(
             True,
             "Reencrypted",
             f"every object is under version {run.target_version} or was written since; finished at "
-            f"{_ts(run.finished_at)}: {summary(run)}",
+            f"{times.rfc3339_or_none(run.finished_at)}: {summary(run)}",
         ),
     )
-
-
-def _ts(value: datetime.datetime | None) -> str | None:
-    return None if value is None else times.rfc3339(value)
-
-
-def _parse(value: Any) -> datetime.datetime | None:
-    if not value:
-        return None
-    parsed = datetime.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=datetime.UTC)
