@@ -102,6 +102,19 @@ def wait_for(condition: Callable[[], Any], *, timeout: float, what: str, interva
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
+def etcd_env(cluster: Cluster, **overrides: str) -> dict[str, str]:
+    """The environment minus every Keyward and SoftHSM2 setting, plus the etcd ones."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KEYWARD_", "SOFTHSM2"))}
+    env.update(
+        KEYWARD_ETCD_ENDPOINTS=cluster.etcd.endpoint,
+        KEYWARD_ETCD_CACERT=str(cluster.etcd.ca_cert),
+        KEYWARD_ETCD_CERT=str(cluster.etcd.client_cert),
+        KEYWARD_ETCD_KEY=str(cluster.etcd.client_key),
+    )
+    env.update(overrides)
+    return env
+
+
 C = TypeVar("C", bound="Cluster")
 
 

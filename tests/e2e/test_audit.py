@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import collections
 import json
-import os
 import pathlib
 import secrets
 import subprocess
@@ -23,25 +22,12 @@ from typing import Any
 import pytest
 
 import localcluster
-from conftest import KEYWARD, Cluster, wait_for
+from conftest import KEYWARD, Cluster, etcd_env, wait_for
 from keyward import etcd
 
 pytestmark = pytest.mark.e2e
 KMS_PREFIX = b"k8s:enc:kms:v2:keyward:"
 written: list[str] = []  # every value this module wrote: none may ever appear in audit output
-
-
-def etcd_env(cluster: Cluster, **overrides: str) -> dict[str, str]:
-    """The environment minus every Keyward and SoftHSM2 setting, plus the etcd ones."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("KEYWARD_", "SOFTHSM2"))}
-    env.update(
-        KEYWARD_ETCD_ENDPOINTS=cluster.etcd.endpoint,
-        KEYWARD_ETCD_CACERT=str(cluster.etcd.ca_cert),
-        KEYWARD_ETCD_CERT=str(cluster.etcd.client_cert),
-        KEYWARD_ETCD_KEY=str(cluster.etcd.client_key),
-    )
-    env.update(overrides)
-    return env
 
 
 def audit(

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from conftest import KEYWARD, OperatorCluster, running, wait_for
+from conftest import KEYWARD, OperatorCluster, etcd_env, running, wait_for
 from keyward.wire import envelope_pb2
 
 pytestmark = pytest.mark.e2e
@@ -159,15 +159,8 @@ def adopted(c: OperatorCluster, key_id: str) -> bool:
 
 def audit(c: OperatorCluster) -> dict[str, int]:
     """What `keyward audit --json` counts for secrets: key_id (or 'plaintext') -> objects."""
-    env = {
-        **os.environ,
-        "KEYWARD_ETCD_ENDPOINTS": c.etcd.endpoint,
-        "KEYWARD_ETCD_CACERT": str(c.etcd.ca_cert),
-        "KEYWARD_ETCD_CERT": str(c.etcd.client_cert),
-        "KEYWARD_ETCD_KEY": str(c.etcd.client_key),
-    }
     out = subprocess.run(
-        [str(KEYWARD), "audit", "--json"], env=env, capture_output=True, text=True, check=True
+        [str(KEYWARD), "audit", "--json"], env=etcd_env(c), capture_output=True, text=True, check=True
     )
     (secrets,) = json.loads(out.stdout)["resources"]
     counts = {k["keyID"]: k["objects"] for k in secrets["byKeyID"]}
